@@ -4,11 +4,36 @@ Everything differentiated is a pure function of one dict, the LoRA tensors; froz
 (NF4 included) are buffers. See DESIGN.md for the math and README.md for usage.
 """
 
+from .alpha import METHODS, AlphaVariance, alpha_projections, alpha_variance
+from .batch import Batch, make_batch
+from .grads import gram, mean_grad, per_sample_grads, prompt_losses
+from .logprobs import sequence_logprobs, sequence_logprobs_and_tangent
+from .losses import x_losses, y_losses
 from .model import FunctionalModel, from_peft, load_model, tiny_model
+from .precondition import AdamPreconditioner
+from .rollouts import Rollouts, read_rollouts, write_rollouts
 
 __all__ = [
+    "METHODS",
+    "AdamPreconditioner",
+    "AlphaVariance",
+    "Batch",
     "FunctionalModel",
+    "Rollouts",
+    "alpha_projections",
+    "alpha_variance",
     "from_peft",
+    "gram",
     "load_model",
+    "make_batch",
+    "mean_grad",
+    "per_sample_grads",
+    "prompt_losses",
+    "read_rollouts",
+    "sequence_logprobs",
+    "sequence_logprobs_and_tangent",
     "tiny_model",
+    "write_rollouts",
+    "x_losses",
+    "y_losses",
 ]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from functional_probe.batch import Batch
 
-__all__ = ["WEIGHTINGS", "x_losses", "y_losses"]
+__all__ = ["WEIGHTINGS", "x_loss_values", "x_losses", "y_loss_values", "y_losses"]
 
 WEIGHTINGS: tuple[str, ...] = ("dr_grpo", "per_token_avg")
 
@@ -62,11 +62,19 @@ def x_losses(S: Tensor, batch: Batch, *, weighting: str = "dr_grpo") -> Tensor:
         allowed = ", ".join(repr(w) for w in WEIGHTINGS)
         raise ValueError(f"x_losses: unknown weighting {weighting!r}; expected one of {allowed}")
     S = _checked(S, batch, "x_losses")
+    return x_loss_values(S, batch.max_lengths, batch.response_lengths, weighting)
+
+
+def x_loss_values(S: Tensor, max_lengths: Tensor, response_lengths: Tensor, weighting: str) -> Tensor:
+    """The X-loss formula on plain tensors (what `x_losses` and vmapped per-prompt code call).
+
+    S [N, G] (≥ fp32), max_lengths [N], response_lengths [N, G] -> [N].
+    """
     group = S.shape[1]
     if weighting == "dr_grpo":
-        denom = einops.rearrange(batch.max_lengths.to(S.device, S.dtype), "n -> n 1")
+        denom = einops.rearrange(max_lengths.to(S.device, S.dtype), "n -> n 1")
     else:
-        denom = batch.response_lengths.to(S.device, S.dtype)
+        denom = response_lengths.to(S.device, S.dtype)
     w = S / denom  # [N, G]
     b = (w.sum(dim=1, keepdim=True) - w) / max(group - 1, 1)  # [N, G] leave-one-out mean
     c = (w - b).detach()  # [N, G] stop-gradient coefficient
@@ -87,6 +95,11 @@ def y_losses(S: Tensor, batch: Batch) -> Tensor:
         ValueError: ``S`` not a floating ``[N, G]`` tensor matching the batch.
     """
     S = _checked(S, batch, "y_losses")
-    adv = batch.advantages.to(S.device, S.dtype)  # [N, G]
-    lmax = einops.rearrange(batch.max_lengths.to(S.device, S.dtype), "n -> n 1")
+    return y_loss_values(S, batch.advantages, batch.max_lengths)
+
+
+def y_loss_values(S: Tensor, advantages: Tensor, max_lengths: Tensor) -> Tensor:
+    """The Y-loss formula on plain tensors: S [N, G], advantages [N, G], max_lengths [N] -> [N]."""
+    adv = advantages.to(S.device, S.dtype)  # [N, G]
+    lmax = einops.rearrange(max_lengths.to(S.device, S.dtype), "n -> n 1")
     return (adv / lmax * S).mean(dim=1)

@@ -1,0 +1,162 @@
+"""Projections s_n = <∇θ L[n], v> for every prompt at once, and their variance (the α-trick).
+
+Four methods, all pure in the LoRA dict and equal to 1e-5 in fp32 (DESIGN §1):
+- "vjp": L(α) = Σ α_n L[n]; g(α) = ∇θ L (a vjp); s = ∂/∂α <g(α), v> — two reverse passes.
+- "jvp": forward mode, s = J v with J = ∂L/∂θ, via the dual forward (primal and tangent
+  carried together through our own decoder); "func_jvp" is the same through `torch.func.jvp`,
+  the reference the dual must equal and the one that composes with other transforms.
+- "vmap": per-sample gradients by `vmap(grad)`, contracted with v.
+- "loop": one `torch.func.grad` per prompt — the slow reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+
+from .batch import Batch
+from .grads import (
+    check_context,
+    check_loss_args,
+    dot,
+    microbatches,
+    per_sample_grads,
+    prepared,
+    prompt_losses,
+)  # fmt: skip
+from .logprobs import check_temperature, sequence_logprobs_and_tangent
+from .losses import x_losses, y_losses
+from .model import FunctionalModel
+from .stats import moments
+
+METHODS = ("vjp", "jvp", "func_jvp", "vmap", "loop")
+
+
+def check_direction(lora: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> None:
+    """A direction must have exactly the LoRA dict's keys and shapes; ValueError names the first mismatch."""
+    for key, value in lora.items():
+        if key not in direction:
+            raise ValueError(f"direction is missing {key!r} (expected shape {tuple(value.shape)})")
+        if direction[key].shape != value.shape:
+            raise ValueError(
+                f"direction[{key!r}] has shape {tuple(direction[key].shape)}, expected {tuple(value.shape)}"
+            )
+    extra = sorted(set(direction) - set(lora))
+    if extra:
+        raise ValueError(f"direction has key {extra[0]!r} that the LoRA dict does not have")
+
+
+def alpha_projections(
+    model: FunctionalModel,
+    lora: Mapping[str, Tensor],
+    batch: Batch,
+    direction: Mapping[str, Tensor],
+    *,
+    loss: str = "x",
+    weighting: str = "dr_grpo",
+    method: str = "vjp",
+    microbatch: int | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """s [N] with s_n = <∇θ L[n], direction>, L the per-prompt X or Y loss (weighting: X only).
+
+    Float dtype of the losses (≥ fp32). `microbatch` bounds the prompts per pass (for "vmap",
+    the vmap chunk size).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {METHODS}")
+    check_context()
+    check_loss_args(loss, weighting)
+    model.check_lora(lora)
+    check_direction(lora, direction)
+    temperature = check_temperature(temperature)
+    kw = dict(loss=loss, weighting=weighting, temperature=temperature)
+    if method == "vmap":
+        per = per_sample_grads(model, lora, batch, chunk_size=microbatch, **kw)
+        return sum(torch.einsum("n...,...->n", per[k], direction[k].to(per[k].dtype)) for k in per)
+    if method == "loop":
+        return torch.stack(
+            [projection_one(model, lora, batch[n], direction, **kw) for n in range(len(batch))]
+        )
+    project = {"vjp": projections_vjp, "func_jvp": projections_func_jvp, "jvp": projections_dual}[method]
+    return torch.cat([project(model, lora, mb, direction, **kw) for mb in microbatches(batch, microbatch)])
+
+
+def projections_vjp(model, lora, batch, direction, **kw) -> Tensor:
+    """The α-trick: s = ∂/∂α <vjp(α), v>, two reverse passes."""
+    losses, pullback = vjp(lambda p: prompt_losses(model, p, batch, **kw), lora)
+    return grad(lambda alpha: dot(pullback(alpha)[0], direction))(torch.ones_like(losses))
+
+
+def projections_func_jvp(model, lora, batch, direction, **kw) -> Tensor:
+    """s = J v in one `torch.func.jvp` over the pure forward."""
+    return jvp(lambda p: prompt_losses(model, p, batch, **kw), (dict(lora),), (dict(direction),))[1]
+
+
+def projection_one(model, lora, batch, direction, **kw) -> Tensor:
+    """<∇θ L[0], v> for a one-prompt batch: the reference, one reverse pass."""
+    return dot(grad(lambda p: prompt_losses(model, p, batch, **kw)[0])(lora), direction)
+
+
+def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature) -> Tensor:
+    """s = J v from the dual forward: (S, Ṡ) in one pass, then the loss's jvp in S
+    (its leave-one-out coefficient is under stop-gradient, so it stays frozen)."""
+    batch = prepared(model, batch)
+    S, S_dot = sequence_logprobs_and_tangent(model, lora, direction, batch, temperature=temperature)
+    if loss == "x":
+        return jvp(lambda S: x_losses(S, batch, weighting=weighting), (S,), (S_dot,))[1]
+    return jvp(lambda S: y_losses(S, batch), (S,), (S_dot,))[1]
+
+
+@dataclass(frozen=True)
+class AlphaVariance:
+    """First-order change along a direction and how sure it is, from per-prompt projections.
+
+    Per unit step: `s` [N] (s_n = <∇θ L[n], v>), `mean` = s̄ = <μ, v>, `sample_var` =
+    Σ(s_n − s̄)²/(n − 1) (float64, two-pass). Scaled by the step size η: `delta` = η·s̄,
+    `var` = η²·sample_var/n, `se` = η·sqrt(sample_var/n) — report `delta ± se`.
+    """
+
+    s: Tensor
+    n: int
+    mean: float
+    sample_var: float
+    eta: float
+    delta: float
+    var: float
+    se: float
+
+
+def alpha_variance(
+    lora: Mapping[str, Tensor],
+    batch: Batch,
+    *,
+    model: FunctionalModel,
+    direction: Mapping[str, Tensor],
+    eta: float = 1.0,
+    method: str = "jvp",
+    weighting: str = "dr_grpo",
+    microbatch: int | None = None,
+    temperature: float = 1.0,
+) -> AlphaVariance:
+    """Projections of the X-loss gradients on `direction` and their statistics (see AlphaVariance).
+
+    The research-script call is `alpha_variance(lora, batch)` with `model` and `direction`
+    bound by `functools.partial`. Fewer than 2 prompts raise ValueError.
+    """
+    if batch.num_prompts < 2:
+        raise ValueError(f"alpha_variance needs at least 2 prompts for a variance, got {batch.num_prompts}")
+    s = alpha_projections(
+        model, lora, batch, direction, loss="x", weighting=weighting, method=method,
+        microbatch=microbatch, temperature=temperature,
+    )  # fmt: skip
+    m = moments(s)
+    var = m.var_of_mean_x()
+    return AlphaVariance(
+        s=s, n=m.n, mean=m.mean_x, sample_var=m.sample_var_x(), eta=float(eta),
+        delta=eta * m.mean_x, var=eta**2 * var, se=abs(eta) * var**0.5,
+    )  # fmt: skip

@@ -1,0 +1,138 @@
+"""Teacher-forced sequence log-probs S, with the output head applied in chunks of tokens.
+
+S[n, g] = Σ_t log softmax(z_t / τ)[y_t] over the response tokens of row (n, g), where
+z_t = h_{t−1} Wᵀ are the logits that predict token t. The head runs only on response columns
+(every prompt ends at the batch's `prompt_end`), a chunk of columns at a time, as
+`z[y] − logsumexp(z)`: no [rows × T × V] logits or log-softmax exist at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .batch import Batch
+from .model import FunctionalModel
+
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+def check_temperature(temperature: float) -> float:
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r}; expected a finite number > 0")
+    return float(temperature)
+
+
+def token_logprobs(
+    hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Tensor:
+    """log softmax(h Wᵀ / τ)[y] per position: hidden [R, L, D], targets [R, L] -> [R, L].
+
+    Computed in at least fp32 as gather − logsumexp over chunks of columns holding at most
+    about `chunk_tokens` positions, so the largest vocabulary-sized tensor is
+    [R, max(1, chunk_tokens // R), V] (plus, under reverse mode, what autograd saves of
+    each chunk: its logits, so saved memory grows like R × L × V — see bench/logprobs_memory.py).
+    Static shapes only, so it runs under vmap as well as grad, jvp and vjp.
+    """
+    rows, length = targets.shape
+    step = max(1, chunk_tokens // max(rows, 1))
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    pieces = []
+    for start in range(0, length, step):
+        h = hidden[:, start : start + step]  # [R, c, D]
+        z = (h @ head_weight.T).to(acc_dtype) / temperature  # [R, c, V]
+        y = targets[:, start : start + step, None]  # [R, c, 1]
+        pieces.append(z.gather(-1, y)[..., 0] - z.logsumexp(-1))
+    return torch.cat(pieces, dim=1)
+
+
+def sequence_logprobs(
+    model: FunctionalModel,
+    lora: Mapping[str, Tensor],
+    batch: Batch,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Tensor:
+    """S [N, G] in at least fp32 (nats), summed over response tokens only; pure in `lora`.
+
+    A row's S does not depend on its batch or padding: positions come from the mask and
+    padded targets are masked out. Memory of the head: see `token_logprobs`.
+    """
+    temperature = check_temperature(temperature)
+    batch.check_vocab(model.vocab_size)
+    batch = batch.to(model.device)
+    return grouped_logprobs(
+        model, lora, batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask,
+        prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens,
+    )  # fmt: skip
+
+
+def grouped_logprobs(
+    model: FunctionalModel,
+    lora: Mapping[str, Tensor],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    prompt_end: int,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Tensor:
+    """S on the tensors of a Batch: [..., G, T] inputs -> [..., G], no data-dependent shapes,
+    so a vmap over prompts (leading dim) works. Inputs are unchecked: see `sequence_logprobs`."""
+    lead = input_ids.shape[:-1]
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [(...·G), T]
+    ids, response = flat(input_ids), flat(response_mask)
+    hidden = model.hidden_states(lora, ids, flat(attention_mask), flat(position_ids))  # [R, T, D]
+    h_cols, y_cols = slice(prompt_end - 1, -1), slice(prompt_end, None)
+    keep = response[:, y_cols]  # [R, L]
+    targets = torch.where(keep, ids[:, y_cols], 0)  # pad ids may lie outside the vocabulary
+    logp = token_logprobs(
+        hidden[:, h_cols], model.head_weight, targets, temperature=temperature, chunk_tokens=chunk_tokens
+    )
+    return (logp * keep).sum(-1).reshape(lead)
+
+
+def sequence_logprobs_and_tangent(
+    model: FunctionalModel,
+    lora: Mapping[str, Tensor],
+    direction: Mapping[str, Tensor],
+    batch: Batch,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[Tensor, Tensor]:
+    """(S, Ṡ), both [N, G]: S and its derivative d/dε S(lora + ε·direction), by the dual forward.
+
+    One pass carrying primal and tangent (no autograd graph); the head runs on response
+    positions only, `chunk_tokens` rows at a time, and never forms tangent logits.
+    """
+    from .model.dual import dual_hidden_states, head_logprobs_tangent
+
+    temperature = check_temperature(temperature)
+    batch.check_vocab(model.vocab_size)
+    batch = batch.to(model.device)
+    n, g, p = batch.num_prompts, batch.group_size, batch.prompt_end
+    flat = lambda t: t.reshape(n * g, -1)  # noqa: E731  [N·G, T]
+    ids = flat(batch.input_ids)
+    hidden, hidden_dot = dual_hidden_states(
+        model, lora, direction, ids, flat(batch.attention_mask), flat(batch.position_ids)
+    )  # [R, T, D] each
+    rows, cols = flat(batch.response_mask)[:, p:].nonzero(as_tuple=True)  # M response tokens
+    logp, logp_dot = head_logprobs_tangent(
+        hidden[:, p - 1 : -1][rows, cols], hidden_dot[:, p - 1 : -1][rows, cols], model.head_weight,
+        ids[:, p:][rows, cols], temperature=temperature, chunk_size=chunk_tokens,
+    )  # fmt: skip
+    S = logp.new_zeros(n * g).index_add_(0, rows, logp)
+    S_dot = logp_dot.new_zeros(n * g).index_add_(0, rows, logp_dot)
+    return S.reshape(n, g), S_dot.reshape(n, g)
