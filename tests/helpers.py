@@ -39,3 +39,50 @@ def token_logliks(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> Ten
 def random_direction(like: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in like.items()}
+
+
+def peft_sequence_logprob(peft_model, prompt: list[int], response: list[int], temperature: float = 1.0):
+    """log p(response | prompt) from a PEFT/transformers model run on the sequence alone, unpadded."""
+    ids = torch.tensor([prompt + response])
+    logits = peft_model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum()
+
+
+def reference_loss(S, lengths, lmax, adv, loss: str, weighting: str = "dr_grpo"):
+    """DESIGN §1 transcribed per element for one prompt: S, lengths, adv are length-G lists."""
+    G = len(S)
+    if loss == "y":
+        return sum(adv[g] / lmax * S[g] for g in range(G)) / G
+    w = [S[g] / (lmax if weighting == "dr_grpo" else lengths[g]) for g in range(G)]
+    total = 0.0
+    for g in range(G):
+        b = (sum(w) - w[g]) / max(G - 1, 1)
+        c = (w[g] - b).detach()
+        total = total - c * S[g]
+    return total / G
+
+
+def peft_prompt_grads(peft_model, prompts, responses, advantages, loss: str, weighting: str = "dr_grpo"):
+    """Per-prompt ∇ L[n] over the PEFT model's trainable parameters, by torch.autograd."""
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    out = []
+    for n, prompt in enumerate(prompts):
+        S = [peft_sequence_logprob(peft_model, prompt, r) for r in responses[n]]
+        lengths = [len(r) for r in responses[n]]
+        L = reference_loss(S, lengths, max(lengths), list(advantages[n]), loss, weighting)
+        grads = torch.autograd.grad(L, list(params.values()))
+        out.append(dict(zip(params, grads, strict=True)))
+    return out
+
+
+def random_rollouts(n: int, g: int, vocab: int, seed: int = 0, max_prompt: int = 9, max_response: int = 12):
+    """Ragged random prompts [n] and responses [n][g] of token ids, plus advantages [n][g]."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def seq(hi: int) -> list[int]:
+        length = int(torch.randint(1, hi + 1, (1,), generator=gen))
+        return torch.randint(0, vocab, (length,), generator=gen).tolist()
+
+    prompts = [seq(max_prompt) for _ in range(n)]
+    responses = [[seq(max_response) for _ in range(g)] for _ in range(n)]
+    return prompts, responses, torch.randn(n, g, generator=gen).tolist()
