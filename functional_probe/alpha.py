@@ -20,7 +20,6 @@ from torch.func import grad, jvp, vjp
 
 from .batch import Batch
 from .grads import (
-    check_context,
     check_loss_args,
     dot,
     microbatches,
@@ -69,7 +68,6 @@ def alpha_projections(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}; expected one of {METHODS}")
-    check_context()
     check_loss_args(loss, weighting)
     model.check_lora(lora)
     check_direction(lora, direction)

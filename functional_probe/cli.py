@@ -1,45 +1,149 @@
-"""Command line: `functional-probe demo`."""
+"""Command line: `functional-probe demo | run | bench`.
+
+Bad input (missing paths, malformed JSONL, an optimizer state that does not match the
+adapter, token ids outside the vocabulary) exits with code 2 and a one-line message.
+"""
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from .model import tiny_model
+from . import report
+from .first_order import etas_for_relative_steps, first_order_check
+from .grads import mean_grad
+from .model import load_model, tiny_model
+from .precondition import AdamPreconditioner
+from .probe import probe
+from .rollouts import read_rollouts
+from .synthetic import sample_rollouts
+
+
+def adamw_state(model, lora, U, *, lr: float, steps: int):
+    """A real AdamW state: `steps` policy-gradient steps (minimising −mean Ly) on U."""
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in lora.items()}
+    opt = torch.optim.AdamW(params.values(), lr=lr)
+    for _ in range(steps):
+        g = mean_grad(model, {k: p.detach() for k, p in params.items()}, U, loss="y")
+        for k, p in params.items():
+            p.grad = -g[k]
+        opt.step()
+    return {k: p.detach() for k, p in params.items()}, AdamPreconditioner.from_optimizer(opt, params)
 
 
 def demo(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
+    say = report.Progress(quiet=args.quiet)
+    say("tiny NF4 model, sampled rollouts")
     model = tiny_model(seed=args.seed, quantize="nf4")
-    t_load = time.perf_counter() - t0
-    ids = torch.randint(0, model.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    lora = model.lora
-
-    def nll(lora):
-        logits = model(lora, ids)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-
-    t0 = time.perf_counter()
-    logits = model(lora, ids)
-    t_fwd = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    grads = torch.func.grad(nll)(lora)
-    t_grad = time.perf_counter() - t0
-    n_params = sum(v.numel() for v in lora.values())
-    print(f"tiny NF4 model: {len(lora)} LoRA tensors, {n_params} LoRA parameters ({t_load:.2f} s)")
-    print(f"forward  logits {tuple(logits.shape)}  {t_fwd * 1e3:.1f} ms")
-    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
-    print(f"grad     {len(grads)} tensors, ‖∇‖ = {norm:.4g}  {t_grad * 1e3:.1f} ms")
+    rollouts = sample_rollouts(model, model.lora, num_prompts=2 * args.prompts, group_size=4, seed=args.seed)
+    batch = rollouts.to_batch()
+    E, U = batch[: args.prompts], batch[args.prompts :]
+    say(f"{args.steps} AdamW steps for an optimizer state")
+    lora, pre = adamw_state(model, model.lora, U, lr=args.lr, steps=args.steps)
+    result = probe(model, lora, E, U, preconditioner=pre, eta=args.lr, method=args.method, progress=say)
+    print(report.format_probe(result))
+    Path(args.out).write_text(result.to_json())
+    say.done(f"wrote {args.out}")
+    if args.first_order:
+        etas = etas_for_relative_steps(model, lora, U, pre, [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+        check = first_order_check(model, lora, E, U, pre, etas)
+        png = Path(args.out).with_suffix(".first_order.png")
+        print(report.format_first_order(check))
+        report.plot_first_order(check, png)
+        say.done(f"wrote {png}")
     return 0
 
 
+def load_optimizer_state(path: Path, names: list[str]) -> AdamPreconditioner:
+    if not path.is_file():
+        raise ValueError(f"{path}: optimizer state file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; all mean "not a state dict"
+        raise ValueError(f"{path}: not a torch.save'd optimizer state_dict ({type(err).__name__})") from err
+    try:
+        return AdamPreconditioner.from_state_dict(state, names)
+    except ValueError as err:
+        raise ValueError(f"{path}: optimizer state does not match the adapter: {err}") from err
+
+
+def tokenizer_of(model_dir: Path):
+    """The model directory's tokenizer, if it has one (needed only for text rollouts)."""
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def run(args: argparse.Namespace) -> int:
+    say = report.Progress(quiet=args.quiet)
+    for flag, path in (("--model", args.model), ("--eval", args.eval), ("--update", args.update)):
+        if not Path(path).exists():
+            raise ValueError(f"{flag} {path}: no such file or directory")
+    say("loading model")
+    model = load_model(args.model, args.adapter, quantize=args.quantize)
+    state_path = args.optimizer_state or (Path(args.adapter) / "optimizer.pt" if args.adapter else None)
+    if state_path is None:
+        raise ValueError("--optimizer-state is required (or an --adapter directory holding optimizer.pt)")
+    pre = load_optimizer_state(Path(state_path), list(model.lora))
+    tokenizer = tokenizer_of(Path(args.model))
+    E = read_rollouts(args.eval, tokenizer=tokenizer).to_batch()
+    U = read_rollouts(args.update, tokenizer=tokenizer).to_batch()
+    result = probe(
+        model, model.lora, E, U, preconditioner=pre, eta=args.lr, method=args.method,
+        microbatch=args.microbatch, progress=say,
+    )  # fmt: skip
+    print(report.format_probe(result))
+    Path(args.out).write_text(result.to_json())
+    say.done(f"wrote {args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="functional-probe", description="First-order entropy probe of one RL step."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="the whole probe on the embedded tiny NF4 model")
+    d.add_argument("--prompts", type=int, default=8, help="prompts in each of E and U")
+    d.add_argument("--steps", type=int, default=3, help="AdamW steps before probing")
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--first-order", action="store_true", help="also check the first-order picture")
+    r = sub.add_parser("run", help="the probe on local checkpoints")
+    r.add_argument("--model", required=True, help="Hugging Face model directory")
+    r.add_argument("--adapter", help="PEFT LoRA adapter directory")
+    r.add_argument("--quantize", choices=["nf4"], default=None)
+    r.add_argument("--optimizer-state", help="torch.save'd AdamW state_dict (default: ADAPTER/optimizer.pt)")
+    r.add_argument("--lr", type=float, required=True, help="the step size η (AdamW learning rate)")
+    r.add_argument("--eval", required=True, help="evaluation rollouts E (JSONL)")
+    r.add_argument("--update", required=True, help="update rollouts U (JSONL)")
+    r.add_argument("--microbatch", type=int, default=None)
+    for q in (d, r):
+        q.add_argument("--method", default="jvp", choices=["jvp", "vjp", "func_jvp", "vmap", "loop"])
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--out", default="probe_result.json", help="where to write the JSON result")
+        q.add_argument("--quiet", action="store_true", help="no progress, only the result table")
+    d.set_defaults(func=demo)
+    r.set_defaults(func=run)
+    b = sub.add_parser("bench", help="a quick subset of bench/ (< 2 minutes)")
+    b.set_defaults(func=bench)
+    return p
+
+
+def bench(args: argparse.Namespace) -> int:
+    from .quick_bench import main as quick
+
+    return quick()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="functional-probe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="run on the embedded tiny NF4 model")
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.set_defaults(func=demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"functional-probe: error: {err}", file=sys.stderr)
+        return 2

@@ -29,15 +29,6 @@ def check_loss_args(loss: str, weighting: str) -> None:
         raise ValueError(f"weighting={weighting!r}; expected one of {WEIGHTINGS}")
 
 
-def check_context() -> None:
-    """torch.func transforms cannot record under inference mode; say so instead of failing deep inside."""
-    if torch.is_inference_mode_enabled():
-        raise ValueError(
-            "gradients were requested inside torch.inference_mode(), which forbids autograd "
-            "and torch.func transforms; call outside it (an outer torch.no_grad() is fine)"
-        )
-
-
 def per_prompt_loss_fn(
     model: FunctionalModel, batch: Batch, *, loss: str, weighting: str, temperature: float
 ) -> Callable[..., Tensor]:
@@ -111,7 +102,6 @@ def mean_grad(
     One reverse pass per microbatch of at most `microbatch` prompts; sums accumulate in at
     least fp32, so the result does not depend on the microbatch size beyond rounding.
     """
-    check_context()
     model.check_lora(lora)
     total = {
         k: torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32)) for k, v in lora.items()
@@ -139,7 +129,6 @@ def per_sample_grads(
 
     `chunk_size` prompts are vmapped at a time (None: all at once); memory grows with it.
     """
-    check_context()
     check_loss_args(loss, weighting)
     model.check_lora(lora)
     batch = prepared(model, batch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -10,19 +12,29 @@ from .functional import FunctionalModel
 from .layers import DenseLinear
 from .loading import LoraSpec, build_model, check_lora_config
 
+WRAPPER_ATTRIBUTES = ("module", "_orig_mod")  # DDP / FSDP-style wrappers; torch.compile
+
 
 def unwrap_peft(model: nn.Module):
-    """Strip DistributedDataParallel / FSDP-style `.module` wrappers; require a PeftModel."""
+    """Strip DistributedDataParallel / FSDP-style `.module` and torch.compile `._orig_mod`
+    wrappers; require a PeftModel."""
     from peft import PeftModel
 
-    while not isinstance(model, PeftModel) and isinstance(
-        getattr(model, "module", None), nn.Module
-    ):
-        model = model.module
+    given = type(model).__name__
+    while not isinstance(model, PeftModel):
+        inner = next(
+            (m for a in WRAPPER_ATTRIBUTES if isinstance(m := getattr(model, a, None), nn.Module)),
+            None,
+        )
+        if inner is None:
+            break
+        model = inner
     if not isinstance(model, PeftModel):
+        inside = "" if type(model).__name__ == given else f" (inside {given})"
         raise ValueError(
-            f"expected a peft.PeftModel (optionally DDP-wrapped), got {type(model).__name__}: "
-            "a model returned by merge_and_unload() has no LoRA tensors left to differentiate"
+            f"expected a peft.PeftModel (optionally wrapped in DDP or torch.compile), got "
+            f"{type(model).__name__}{inside}: a plain model, or one returned by "
+            "merge_and_unload(), which has no LoRA tensors left to differentiate"
         )
     return model
 
@@ -39,6 +51,11 @@ def lora_layers(base: nn.Module, adapter: str) -> LoraSpec:
             raise ValueError(
                 f"{path}: adapter {adapter!r} is merged into the base weights (merge_adapter); "
                 "unmerge it first, or the probe would differentiate a LoRA that is counted twice"
+            )
+        if module.disable_adapters:
+            raise ValueError(
+                f"{path}: adapters are disabled (disable_adapter_layers / disable_adapter()); the "
+                "live model does not use its LoRA, so a probe of it would measure another model"
             )
         if module.use_dora.get(adapter, False):
             raise ValueError(f"{path}: DoRA adapters are not supported")
@@ -73,17 +90,57 @@ def from_peft(peft_model: nn.Module, *, dtype: torch.dtype = torch.float32) -> F
 
     def tensors(name: str) -> Tensor | None:
         t = named.get(name)
+        if t is not None and not t.is_floating_point():
+            # e.g. a 4-bit lm_head (llm_int8_skip_modules without 'lm_head'): casting the
+            # packed codes to floats would give garbage weights.
+            raise ValueError(
+                f"{name} is stored quantized ({type(t).__name__}, {t.dtype}); only the "
+                "decoder's projections may be 4-bit (keep 'lm_head' in llm_int8_skip_modules)"
+            )
         return None if t is None else t.detach()
+
+    repacked: list[tuple[str, str]] = []
 
     def frozen_linear(path: str) -> nn.Module:
         layer = base.get_submodule(path)
         if isinstance(layer, LoraLayer):
             layer = layer.get_base_layer()
         if isinstance(layer, bnb.nn.Linear4bit):
-            return NF4Linear.from_bnb(layer, compute_dtype=dtype)
-        if not isinstance(layer, nn.Linear):
-            raise ValueError(f"{path}: base layer {type(layer).__name__} is not supported")
+            return nf4_from_bnb(path, layer, dtype, repacked)
+        # bnb's Linear8bitLt (and other quantized layers) subclass nn.Linear: their integer
+        # weights cast to floats without their scales would be silently wrong.
+        if not isinstance(layer, nn.Linear) or not layer.weight.is_floating_point():
+            raise ValueError(
+                f"{path}: base layer {type(layer).__name__} with {layer.weight.dtype} weights "
+                "is not supported; supported bases are full precision (nn.Linear) and "
+                "bitsandbytes 4-bit NF4 (Linear4bit)"
+            )
         bias = None if layer.bias is None else layer.bias.detach().to(dtype=dtype, copy=True)
         return DenseLinear(layer.weight.detach().to(dtype=dtype, copy=True), bias)
 
-    return build_model(base.config, tensors, frozen_linear, lora, dtype=dtype, device=device)
+    functional = build_model(base.config, tensors, frozen_linear, lora, dtype=dtype, device=device)
+    if repacked:
+        names = ", ".join(p for p, _ in repacked[:3]) + (", ..." if len(repacked) > 3 else "")
+        warnings.warn(
+            f"from_peft: {len(repacked)} 4-bit base layer(s) ({names}) were repacked by "
+            f"bitsandbytes before conversion; first of them: {repacked[0][1]}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return functional
+
+
+def nf4_from_bnb(
+    path: str, layer: nn.Module, dtype: torch.dtype, repacked: list[tuple[str, str]]
+) -> NF4Linear:
+    """`NF4Linear.from_bnb`, with its per-layer "repacked" warning collected into `repacked`
+    (from_peft issues one warning naming the layers, at the caller's line)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = NF4Linear.from_bnb(layer, compute_dtype=dtype)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "repacked by bitsandbytes" in str(w.message):
+            repacked.append((path, str(w.message)))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
