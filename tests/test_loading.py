@@ -124,6 +124,7 @@ def test_fresh_lora_has_peft_names_and_zero_B(saved_tiny):
     )
     expected = {n: p.shape for n, p in peft_model.named_parameters() if p.requires_grad}
     assert {k: v.shape for k, v in model.lora.items()} == expected
+    assert list(model.lora) == list(expected)  # the order an optimizer over PEFT's parameters uses
     assert all(v.abs().sum() == 0 for k, v in model.lora.items() if "lora_B" in k)
     assert all(v.abs().sum() > 0 for k, v in model.lora.items() if "lora_A" in k)
 
