@@ -36,6 +36,17 @@ def token_logliks(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> Ten
     return (logp * target_mask[:, 1:]).sum(-1)
 
 
+def peft_reference(peft_model, ids, mask, targets):
+    """Logits and the gradient of Σ teacher-forced log-likelihood over the PEFT model's
+    trainable parameters, by plain torch.autograd (positions from the mask, as ours)."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = peft_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    loss = token_logliks(logits, ids, targets).sum()
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return logits.detach(), dict(zip(params, grads, strict=True))
+
+
 def random_direction(like: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in like.items()}

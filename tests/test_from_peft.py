@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from bitsandbytes.functional import dequantize_4bit
-from helpers import assert_not_trivial, dict_rel_err, rel_err, token_logliks
+from helpers import assert_not_trivial, dict_rel_err, peft_reference, rel_err, token_logliks
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -127,17 +127,6 @@ def fp32_twin(base_dir, peft_4bit):
             if p.requires_grad:
                 p.copy_(src[name])
     return twin.eval()
-
-
-def peft_reference(peft_model, ids, mask, targets):
-    """Logits and the gradient of Σ teacher-forced log-likelihood over the PEFT model's
-    trainable parameters, by plain torch.autograd."""
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = peft_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
-    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    loss = token_logliks(logits, ids, targets).sum()
-    grads = torch.autograd.grad(loss, list(params.values()))
-    return logits.detach(), dict(zip(params, grads, strict=True))
 
 
 def functional_loss(model, ids, mask, targets):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-from helpers import assert_not_trivial, dict_rel_err, rel_err, token_logliks
+from helpers import assert_not_trivial, dict_rel_err, peft_reference, rel_err, token_logliks
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
@@ -21,16 +21,6 @@ def inputs(vocab: int, seed: int = 0):
     targets = mask.clone()
     targets[:, :10] = False  # teacher-forced on the last tokens only
     return ids, mask, targets
-
-
-def peft_reference(peft_model, ids, mask, targets):
-    """Logits and the LoRA gradient of Σ log-likelihood, by plain autograd."""
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = peft_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
-    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    loss = token_logliks(logits, ids, targets).sum()
-    grads = torch.autograd.grad(loss, list(params.values()))
-    return logits.detach(), dict(zip(params, grads, strict=True))
 
 
 def functional_result(model, ids, mask, targets):
