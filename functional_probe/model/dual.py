@@ -1,0 +1,290 @@
+"""The dual forward: hidden states and their directional derivative in one pass (DESIGN §3).
+
+For a LoRA dict θ and a direction v shaped like it, `dual_hidden_states` returns h(θ) and
+ḣ = d/dε h(θ + ε·v) without torch.func: every activation travels as a stacked pair
+[x; ẋ] of shape [2, ...] (index 0 primal, 1 tangent), so each frozen matmul runs once on both.
+
+Per linear (LoRA merged for the primal, W' = W + s·B A, NF4 dequantized once per pass):
+    y = x W'ᵀ + b,    ẏ = ẋ W'ᵀ + s·(x Ȧᵀ Bᵀ + x Aᵀ Ḃᵀ)
+q/k/v are one matmul (gate/up one call each, so that their outputs are contiguous); a group's
+low-rank tangent terms share one u = x [Ȧ; A]ᵀ product. The embedding has no tangent, so
+layer 0's first norm and q/k/v run on the primal only. Analytic rules:
+    RMSNorm  y = w·x̂, x̂ = x·ρ, ρ = (mean x² + eps)^-½:   ẏ = w·ρ(ẋ − x̂·mean(x̂ ẋ))
+    RoPE     linear: the same rotation on the tangent
+    softmax  ṗ = p ⊙ (ṡ − Σ p ṡ)  (ATen's softmax backward); masked entries contribute nothing
+    SwiGLU   ȧ = silu'(g)·ġ·u + silu(g)·u̇  (ATen's silu backward)
+`head_logprobs_tangent` turns gathered (h, ḣ) rows into log-probs and their tangents in
+vocabulary-wide chunks without forming tangent logits. Both are no-grad fast paths; the
+reference they equal is `torch.func.jvp` over `FunctionalModel.hidden_states`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import accumulate, pairwise
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .decoder import Attention, Block, attention_allowed
+from .functional import FunctionalModel, default_mask, positions_from_mask
+from .layers import LoRALinear, RMSNorm, rotary_cos_sin
+
+
+@dataclass
+class DualLinear:
+    """Projections sharing one input, LoRA merged, acting on stacked pairs [x; ẋ].
+
+    weights[p] [out_p, in] = W_p + s_p·B_p A_p, biases[p] [out_p] or None (primal only);
+    down [k, in] stacks the rows [Ȧ_p; A_p] of every LoRA projection (None if there is none);
+    ups[p] = (its columns of u = x downᵀ, s_p·[B_p, Ḃ_p] [out_p, 2r]) or None, so that
+    the LoRA tangent of p is u[:, cols] upᵀ = s_p·(x Ȧ_pᵀ B_pᵀ + x A_pᵀ Ḃ_pᵀ).
+    fused: one matmul on cat(weights) -> [2, ..., Σ out_p]; else one per projection -> [P, 2, ..., out].
+    """
+
+    weights: list[Tensor]
+    biases: list[Tensor | None]
+    down: Tensor | None
+    ups: list[tuple[slice, Tensor] | None]
+    fused: bool
+
+    def __call__(self, x: Tensor, stacked: bool) -> Tensor:
+        """x [2, ..., in] (stacked) or primal-only [..., in] (zero tangent) -> see `fused`."""
+        primal = x[0] if stacked else x
+        lead, sizes = primal.shape[:-1], [w.shape[0] for w in self.weights]
+        bounds = [0, *accumulate(sizes)]
+        if self.fused:
+            y = primal.new_empty(2, *lead, sum(sizes))
+            parts = [(y, torch.cat(self.weights) if len(sizes) > 1 else self.weights[0])]
+            tangents = [y[1].view(-1, bounds[-1])[:, i:j] for i, j in pairwise(bounds)]
+        else:
+            y = primal.new_empty(len(sizes), 2, *lead, sizes[0])
+            parts = list(zip(y, self.weights, strict=True))
+            tangents = [out[1].view(-1, sizes[0]) for out in y]
+        for out, weight in parts:
+            if stacked:
+                torch.matmul(x, weight.T, out=out)
+            else:
+                torch.matmul(primal, weight.T, out=out[0])
+                out[1].zero_()
+        if self.down is not None:
+            u = primal.reshape(-1, primal.shape[-1]) @ self.down.T
+            for tangent, lora in zip(tangents, self.ups, strict=True):
+                if lora is not None:
+                    tangent.addmm_(u[:, lora[0]], lora[1].T)
+        for i, bias in enumerate(self.biases):
+            if bias is not None:
+                (y[0][..., bounds[i] : bounds[i + 1]] if self.fused else y[i, 0]).add_(bias)
+        return y
+
+
+def merge_linears(
+    modules: list[nn.Module], names: list[str], keys: Mapping[str, str],
+    lora: Mapping[str, Tensor], direction: Mapping[str, Tensor], fused: bool = True,
+) -> DualLinear:  # fmt: skip
+    """DualLinear of projections `modules` (internal names `names`, e.g. 'layers.0.self_attn.q_proj');
+    `keys` maps internal LoRA names to the PEFT keys of `lora`/`direction`. NF4 is dequantized here."""
+    weights, biases, downs, ups, k = [], [], [], [], 0
+    for module, name in zip(modules, names, strict=True):
+        base = module.base if isinstance(module, LoRALinear) else module
+        w = base.dequantized_weight()
+        ups.append(None)
+        if isinstance(module, LoRALinear):
+            a, b = lora[keys[f"{name}.lora_A"]], lora[keys[f"{name}.lora_B"]]
+            a_dot, b_dot = direction[keys[f"{name}.lora_A"]], direction[keys[f"{name}.lora_B"]]
+            s = module.scaling
+            w = w + s * (b @ a)
+            downs.append(torch.cat([a_dot, a]))  # [2r, in]
+            ups[-1] = (slice(k, k + 2 * a.shape[0]), torch.cat([s * b, s * b_dot], dim=1))  # [out, 2r]
+            k += 2 * a.shape[0]
+        weights.append(w)
+        biases.append(base.bias)
+    if not fused and len({w.shape[0] for w in weights}) > 1:
+        raise ValueError(f"unfused projections {names} must have equal out_features")
+    return DualLinear(weights, biases, torch.cat(downs) if downs else None, ups, fused)
+
+
+def rms_norm_dual(norm: RMSNorm, x: Tensor, stacked: bool) -> Tensor:
+    """RMSNorm on pairs [2, ..., D] -> [2, ..., D]; on a primal-only x [..., D] (not stacked) -> [..., D].
+
+    Normalised in at least fp32 like `layers.RMSNorm`: ẏ = w·(ρ(ẋ − x̂·mean(x̂ ẋ))).to(dtype).
+    """
+    dtype = x.dtype
+    primal = (x[0] if stacked else x).to(torch.promote_types(dtype, torch.float32))
+    rho = torch.rsqrt(primal.pow(2).mean(-1, keepdim=True) + norm.eps)
+    x_hat = primal * rho
+    if not stacked:
+        return norm.weight * x_hat.to(dtype)
+    out = torch.empty_like(x)
+    torch.mul(norm.weight, x_hat.to(dtype), out=out[0])
+    tangent = x[1].to(x_hat.dtype)
+    tangent = rho * (tangent - x_hat * (x_hat * tangent).mean(-1, keepdim=True))
+    torch.mul(norm.weight, tangent.to(dtype), out=out[1])
+    return out
+
+
+def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """RoPE in the rotate-half convention, written into `out` (any strides, x's shape [..., d]):
+    out = [x₁ c − x₂ s, x₂ c + x₁ s] with halves x₁, x₂ and cos/sin halves c, s broadcasting."""
+    f = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :f], x[..., f:], out[..., :f], out[..., f:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+
+
+def attention_dual(attn: Attention, qkv: Tensor, rotary: tuple[Tensor, ...], allowed: Tensor) -> Tensor:
+    """Causal GQA attention on the stacked pair qkv [2, B, T, (H + 2K)·d] -> [2, B, T, H·d].
+
+    rotary = (cos, sin, cos_q, sin_q), each [B, T, d/2] (see `rotary_halves`). With r = H/K:
+    s = q kᵀ/√d, ṡ = (q̇ kᵀ + q k̇ᵀ)/√d; p = softmax(s), ṗ = p ⊙ (ṡ − Σ p ṡ); o = p v, ȯ = ṗ v + p v̇.
+    Masked scores get decoder.Attention's finite fill; their ṡ needs no mask (p = 0 there exactly),
+    except in query rows that see no key, whose q and q̇ `rotary_halves` already zeroed (ṡ = 0).
+    """
+    d, kh, r = attn.head_dim, attn.num_kv_heads, attn.group
+    _, b, t, _ = qkv.shape
+    q, k, v = qkv.split([kh * r * d, kh * d, kh * d], dim=-1)
+    q = rearrange(q, "n b t (h d) -> n b t h d", d=d)
+    k = rearrange(k, "n b t (h d) -> n b t h d", d=d)
+    if attn.q_norm is not None:
+        q, k = rms_norm_dual(attn.q_norm, q, True), rms_norm_dual(attn.k_norm, k, True)
+    cos, sin, cos_q, sin_q = (c[:, None] for c in rotary)  # [B, 1, T, d/2]
+    qs, ks = q.new_empty(2, b, kh, r, t, d), k.new_empty(2, b, kh, t, d)
+    rotate_into(qs, rearrange(q, "n b t (k r) d -> n b k r t d", k=kh), cos_q[:, None], sin_q[:, None])
+    rotate_into(ks, rearrange(k, "n b t k d -> n b k t d"), cos, sin)
+    q0, q1 = qs.view(2, b * kh, r * t, d)
+    k0, k1 = ks.view(2, b * kh, t, d)
+    scores = q.new_empty(2, b * kh, r * t, t)
+    torch.bmm(q0, k0.mT, out=scores[0])
+    torch.bmm(q1, k0.mT, out=scores[1])
+    scores[1].baddbmm_(q0, k1.mT)
+    s, s_dot = scores.view(2, b, kh, r, t, t)
+    s.masked_fill_(~allowed, torch.finfo(s.dtype).min)
+    sm_dtype = torch.promote_types(qkv.dtype, torch.float32)
+    p = s.softmax(-1, dtype=sm_dtype)
+    p_dot = torch.ops.aten._softmax_backward_data(s_dot.to(sm_dtype), p, -1, sm_dtype)
+    p, p_dot = p.to(qkv.dtype).view(b, kh, r * t, t), p_dot.to(qkv.dtype).view(b, kh, r * t, t)
+    vv = rearrange(v, "n b t (k d) -> b k t (n d)", k=kh)  # [v, v̇]: [B, K, T, 2d]
+    o_all = (p @ vv).unflatten(2, (r, t))  # [B, K, r, T, 2d] = [o, p v̇]
+    out = qkv.new_empty(2, b, t, kh, r, d)
+    out[0].copy_(o_all[..., :d].permute(0, 3, 1, 2, 4))
+    p_dot_v = (p_dot @ vv[..., :d]).unflatten(2, (r, t))
+    torch.add(o_all[..., d:], p_dot_v, out=out[1].permute(0, 2, 3, 1, 4))
+    return out.view(2, b, t, kh * r * d)
+
+
+def rotary_halves(cos: Tensor, sin: Tensor, allowed: Tensor, head_dim: int) -> tuple[Tensor, ...]:
+    """From layers.rotary_cos_sin's cos/sin [B, T, d] (= [c, c] and [s, s]) and allowed [B,1,1,T,T]:
+    (c, s, c_q, s_q), each [B, T, d/2], with c_q, s_q = (c, s)·d^-½·[query t sees some key]."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    live = allowed.any(-1)[:, 0, 0, :, None].to(cos.dtype) * head_dim**-0.5  # [B, T, 1]
+    return cos, sin, cos * live, sin * live
+
+
+def block_dual(
+    block: Block, linears: dict[str, DualLinear], x: Tensor, stacked: bool,
+    rotary: tuple[Tensor, ...], allowed: Tensor,
+) -> Tensor:  # fmt: skip
+    """One pre-norm block on the pair x [2, B, T, D] (or primal-only [B, T, D]) -> [2, B, T, D]."""
+    h = rms_norm_dual(block.input_layernorm, x, stacked)
+    attn = attention_dual(block.self_attn, linears["qkv"](h, stacked), rotary, allowed)
+    a = linears["o"](attn, True)
+    if stacked:
+        x = x + a
+    else:
+        a[0] += x
+        x = a
+    gate, up = linears["gate_up"](rms_norm_dual(block.post_attention_layernorm, x, True), True)
+    silu_g = F.silu(gate[0])
+    act = torch.empty_like(gate)
+    torch.mul(silu_g, up[0], out=act[0])
+    torch.mul(torch.ops.aten.silu_backward(gate[1], gate[0]), up[0], out=act[1])
+    act[1].addcmul_(silu_g, up[1])
+    return x + linears["down"](act, True)
+
+
+def layer_linears(
+    model: FunctionalModel, index: int, keys: Mapping[str, str],
+    lora: Mapping[str, Tensor], direction: Mapping[str, Tensor],
+) -> dict[str, DualLinear]:  # fmt: skip
+    """The merged linears of layer `index` ('qkv', 'o', 'gate_up', 'down'); `keys`: internal -> PEFT."""
+    block = model.decoder.layers[index]
+    groups = {
+        "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+        "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",)),
+    }  # fmt: skip
+    out = {}
+    for group, (parent, projections) in groups.items():
+        modules = [getattr(getattr(block, parent), p) for p in projections]
+        names = [f"layers.{index}.{parent}.{p}" for p in projections]
+        out[group] = merge_linears(modules, names, keys, lora, direction, fused=group != "gate_up")
+    return out
+
+
+def dual_hidden_states(
+    model: FunctionalModel, lora: Mapping[str, Tensor], direction: Mapping[str, Tensor],
+    input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(h, ḣ), both [B, T, D]: final normed hidden states and their derivative d/dε h(lora + ε·direction).
+
+    Same inputs and defaults as `FunctionalModel.hidden_states` (mask [B, T], 1 = real token;
+    positions cumsum(mask) − 1). Runs under no_grad in the model dtype; pure in lora/direction.
+    Equals `torch.func.jvp(lambda l: model.hidden_states(l, ...), (lora,), (direction,))`.
+    """
+    model.check_lora(lora)
+    model.check_lora(direction)
+    with torch.no_grad():
+        mask = default_mask(input_ids, attention_mask)
+        if position_ids is None:
+            position_ids = positions_from_mask(mask)
+        dec, keys = model.decoder, {internal: key for key, internal in model._internal.items()}
+        x = F.embedding(input_ids, dec.embed_tokens)
+        cos, sin = rotary_cos_sin(position_ids, dec.inv_freq, dec.attention_scaling, x.dtype)
+        allowed = attention_allowed(mask)
+        rotary = rotary_halves(cos, sin, allowed, dec.cfg.head_dim)
+        for i, block in enumerate(dec.layers):
+            linears = layer_linears(model, i, keys, lora, direction)
+            x = block_dual(block, linears, x, i > 0, rotary, allowed)
+        out = rms_norm_dual(dec.norm, x, True)
+        return out[0], out[1]
+
+
+def head_logprobs_tangent(
+    hidden: Tensor, hidden_dot: Tensor, head_weight: Tensor, targets: Tensor,
+    *, temperature: float = 1.0, chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """hidden, hidden_dot [M, D] (rows at target positions), head_weight [V, D], targets [M]
+    -> (logp [M], logp_dot [M]) in at least fp32.
+
+    z = h Wᵀ/τ, logp = z[y] − logsumexp(z), p = softmax(z);
+    logp_dot = ż[y] − Σ_v p_v ż_v = ḣ·(W[y] − pᵀW)/τ, so the tangent logits ż are never formed.
+    Rows go in chunks of `chunk_size`: one [chunk, V] buffer, exponentiated in place.
+    """
+    if hidden.shape != hidden_dot.shape or hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"expected hidden, hidden_dot [M, D] and targets [M]; got {tuple(hidden.shape)}, "
+            f"{tuple(hidden_dot.shape)}, {tuple(targets.shape)}"
+        )
+    with torch.no_grad():
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        weight = head_weight.to(dtype)
+        m = hidden.shape[0]
+        logp, logp_dot = hidden.new_empty(m, dtype=dtype), hidden.new_empty(m, dtype=dtype)
+        buf = hidden.new_empty(min(chunk_size, m), weight.shape[0], dtype=dtype)
+        for start in range(0, m, chunk_size):
+            rows = slice(start, min(start + chunk_size, m))
+            h, h_dot, y = hidden[rows].to(dtype), hidden_dot[rows].to(dtype), targets[rows]
+            z = buf[: h.shape[0]]
+            torch.matmul(h / temperature if temperature != 1.0 else h, weight.T, out=z)
+            z.sub_(z.amax(-1, keepdim=True))
+            z_y = z.gather(-1, y[:, None])[:, 0]
+            total = z.exp_().sum(-1, keepdim=True)
+            logp[rows] = z_y - total[:, 0].log()
+            p_w = z.div_(total) @ weight  # [chunk, D]
+            logp_dot[rows] = (h_dot * (weight[y] - p_w)).sum(-1) / temperature
+        return logp, logp_dot
