@@ -11,7 +11,7 @@ def test_default_is_nf4_with_both_lora_factors_nonzero():
     assert any(isinstance(m, NF4Linear) for m in model.modules())
     assert model.hf_config.model_type == "qwen2"
     for name, tensor in model.lora.items():
-        assert tensor.abs().min() >= 0 and tensor.norm() > 0.1, name
+        assert tensor.norm() > 0.1, name  # PEFT's B = 0 would fail here
 
 
 def test_same_seed_same_model_other_seed_other_model():
