@@ -6,11 +6,13 @@ Everything differentiated is a pure function of one dict, the LoRA tensors; froz
 
 from .alpha import METHODS, AlphaVariance, alpha_projections, alpha_variance
 from .batch import Batch, make_batch
+from .distributed import shard_batch, shard_range, shard_rollouts
 from .grads import gram, mean_grad, per_sample_grads, prompt_losses
 from .logprobs import sequence_logprobs, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
 from .model import FunctionalModel, from_peft, load_model, tiny_model
 from .precondition import AdamPreconditioner
+from .probe import ProbeResult, probe
 from .rollouts import Rollouts, read_rollouts, write_rollouts
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "AlphaVariance",
     "Batch",
     "FunctionalModel",
+    "ProbeResult",
     "Rollouts",
     "alpha_projections",
     "alpha_variance",
@@ -28,10 +31,14 @@ __all__ = [
     "make_batch",
     "mean_grad",
     "per_sample_grads",
+    "probe",
     "prompt_losses",
     "read_rollouts",
     "sequence_logprobs",
     "sequence_logprobs_and_tangent",
+    "shard_batch",
+    "shard_range",
+    "shard_rollouts",
     "tiny_model",
     "write_rollouts",
     "x_losses",

@@ -19,6 +19,15 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from .batch import Batch
+from .distributed import (
+    agree,
+    all_gather_vector,
+    all_moments,
+    global_counts,
+    is_distributed,
+    prompt_count,
+    rank_and_world,
+)  # fmt: skip
 from .grads import (
     check_loss_args,
     dot,
@@ -26,11 +35,12 @@ from .grads import (
     per_sample_grads,
     prepared,
     prompt_losses,
+    require_batch,
 )  # fmt: skip
 from .logprobs import check_temperature, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
 from .model import FunctionalModel
-from .stats import moments
+from .stats import Moments, moments
 
 METHODS = ("vjp", "jvp", "func_jvp", "vmap", "loop")
 
@@ -131,7 +141,7 @@ class AlphaVariance:
 
 def alpha_variance(
     lora: Mapping[str, Tensor],
-    batch: Batch,
+    batch: Batch | None,
     *,
     model: FunctionalModel,
     direction: Mapping[str, Tensor],
@@ -140,19 +150,57 @@ def alpha_variance(
     weighting: str = "dr_grpo",
     microbatch: int | None = None,
     temperature: float = 1.0,
+    distributed: bool | None = None,
 ) -> AlphaVariance:
     """Projections of the X-loss gradients on `direction` and their statistics (see AlphaVariance).
 
     The research-script call is `alpha_variance(lora, batch)` with `model` and `direction`
     bound by `functools.partial`. Fewer than 2 prompts raise ValueError.
+
+    Under torch.distributed (`distributed=None` and a process group initialized, or True)
+    `batch` is this rank's shard (`None`: empty) and `direction` must be the same on every
+    rank: each rank projects its shard, the float64 moments are all_gathered and combined
+    with Chan's formula in rank order, so `n`, `mean`, `sample_var`, `delta`, `var`, `se` are
+    the global ones, bit-identical on every rank; `s` holds ALL N_global projections in rank
+    order (= the single-process order of the unsharded batch), on every rank. The 2-prompt
+    rule applies to the global N (every rank raises).
     """
+    kw = dict(model=model, direction=direction, method=method, weighting=weighting,
+              microbatch=microbatch, temperature=temperature)  # fmt: skip
+    if is_distributed(distributed):
+        return sharded_alpha_variance(lora, batch, eta=eta, **kw)
+    require_batch(batch, "alpha_variance")
     if batch.num_prompts < 2:
         raise ValueError(f"alpha_variance needs at least 2 prompts for a variance, got {batch.num_prompts}")
-    s = alpha_projections(
-        model, lora, batch, direction, loss="x", weighting=weighting, method=method,
-        microbatch=microbatch, temperature=temperature,
-    )  # fmt: skip
-    m = moments(s)
+    s = alpha_projections(lora=lora, batch=batch, loss="x", **kw)
+    return variance_result(s, moments(s), eta)
+
+
+def shard_projections(model, lora, batch: Batch | None, direction, **kw) -> Tensor:
+    """`alpha_projections` of a shard; an empty float64 vector for an empty shard (None)."""
+    if batch is None:
+        return torch.empty(0, dtype=torch.float64)
+    return alpha_projections(model, lora, batch, direction, **kw)
+
+
+def sharded_alpha_variance(lora, batch: Batch | None, *, eta: float, **kw) -> AlphaVariance:
+    """The distributed path of `alpha_variance`: global count check, local s, Chan-combined
+    moments, all s gathered (see `functional_probe.distributed`)."""
+    (n,) = global_counts(prompt_count(batch))
+    if n < 2:
+        raise ValueError(
+            f"alpha_variance needs at least 2 prompts for a variance, got {n} "
+            f"across {rank_and_world()[1]} ranks"
+        )
+    s = agree(shard_projections, lora=lora, batch=batch, loss="x", **kw)
+    (m,) = all_moments([agree(moments, s)])  # a non-finite s raises on every rank
+    dtype = torch.promote_types(next(iter(lora.values())).dtype, torch.float32)
+    s_all = all_gather_vector(s).to(device=kw["model"].device, dtype=dtype)
+    return variance_result(s_all, m, eta)
+
+
+def variance_result(s: Tensor, m: Moments, eta: float) -> AlphaVariance:
+    """AlphaVariance from the projections and their (global) moments."""
     var = m.var_of_mean_x()
     return AlphaVariance(
         s=s, n=m.n, mean=m.mean_x, sample_var=m.sample_var_x(), eta=float(eta),

@@ -7,12 +7,15 @@ adapter, token ids outside the vocabulary) exits with code 2 and a one-line mess
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from . import report
+from .batch import Batch
+from .distributed import local_device, process_group_from_env, shard_rollouts
 from .first_order import etas_for_relative_steps, first_order_check
 from .grads import mean_grad
 from .model import load_model, tiny_model
@@ -80,27 +83,51 @@ def tokenizer_of(model_dir: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    say = report.Progress(quiet=args.quiet)
+    """`functional-probe run`; under torchrun (RANK, WORLD_SIZE set) one process per rank."""
+    with process_group_from_env() as (rank, world):
+        return run_ranked(args, rank, world)
+
+
+def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
+    """Every rank loads the model and reads both files whole (so every rank validates the same
+    input and raises the same error), keeps its contiguous shard of E and U and runs the
+    probe; the collectives make the result global and identical, and rank 0 alone prints it
+    and writes the JSON."""
+    say = report.Progress(quiet=args.quiet or rank != 0)
     for flag, path in (("--model", args.model), ("--eval", args.eval), ("--update", args.update)):
         if not Path(path).exists():
             raise ValueError(f"{flag} {path}: no such file or directory")
-    say("loading model")
-    model = load_model(args.model, args.adapter, quantize=args.quantize)
+    say("loading model" if world == 1 else f"loading model on each of {world} ranks")
+    model = load_model(args.model, args.adapter, quantize=args.quantize, device=local_device())
     state_path = args.optimizer_state or (Path(args.adapter) / "optimizer.pt" if args.adapter else None)
     if state_path is None:
         raise ValueError("--optimizer-state is required (or an --adapter directory holding optimizer.pt)")
     pre = load_optimizer_state(Path(state_path), list(model.lora))
     tokenizer = tokenizer_of(Path(args.model))
-    E = read_rollouts(args.eval, tokenizer=tokenizer).to_batch()
-    U = read_rollouts(args.update, tokenizer=tokenizer).to_batch()
+    E, U = (read_shard(path, tokenizer, model.vocab_size, rank, world) for path in (args.eval, args.update))
     result = probe(
         model, model.lora, E, U, preconditioner=pre, eta=args.lr, method=args.method,
         microbatch=args.microbatch, progress=say,
     )  # fmt: skip
-    print(report.format_probe(result))
-    Path(args.out).write_text(result.to_json())
-    say.done(f"wrote {args.out}")
+    if rank == 0:
+        print(report.format_probe(result))
+        Path(args.out).write_text(result.to_json())
+        say.done(f"wrote {args.out}")
     return 0
+
+
+def read_shard(path: str, tokenizer, vocab_size: int, rank: int, world: int) -> Batch | None:
+    """Read and validate the whole rollout file (token ids against the vocabulary too, with
+    the file's prompt numbering), then keep this rank's shard; None if it is empty."""
+    rollouts = read_rollouts(path, tokenizer=tokenizer)
+    for n, (prompt, group) in enumerate(zip(rollouts.prompts, rollouts.responses, strict=True)):
+        for what, ids in [("prompt", prompt)] + [(f"response {g}", r) for g, r in enumerate(group)]:
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{path}: prompt {n}: {what} has id {bad[0]}, outside the "
+                                 f"vocabulary [0, {vocab_size})")  # fmt: skip
+    shard = shard_rollouts(rollouts, rank, world)
+    return shard.to_batch() if len(shard) else None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -144,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
-        print(f"functional-probe: error: {err}", file=sys.stderr)
+    except ValueError as err:  # under torchrun every rank raises the same error; rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"functional-probe: error: {err}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .batch import Batch
+from .distributed import agree, all_reduce_mean, is_distributed, prompt_count
 from .logprobs import check_temperature, grouped_logprobs
 from .losses import WEIGHTINGS, x_loss_values, y_loss_values
 from .model import FunctionalModel
@@ -89,30 +90,58 @@ def microbatches(batch: Batch, microbatch: int | None) -> list[Batch]:
 def mean_grad(
     model: FunctionalModel,
     lora: Mapping[str, Tensor],
-    batch: Batch,
+    batch: Batch | None,
     *,
     loss: str = "x",
     weighting: str = "dr_grpo",
     preconditioner: Callable[[Mapping[str, Tensor]], Dict] | None = None,
     microbatch: int | None = None,
     temperature: float = 1.0,
+    distributed: bool | None = None,
 ) -> Dict:
     """(1/N) Σ_n ∇θ L[n] as a dict shaped like `lora` (P applied if a preconditioner is given).
 
     One reverse pass per microbatch of at most `microbatch` prompts; sums accumulate in at
     least fp32, so the result does not depend on the microbatch size beyond rounding.
+
+    Under torch.distributed (`distributed=None` and a process group initialized, or True;
+    see `functional_probe.distributed`) `batch` is this rank's shard (`None`: an empty one):
+    each rank sums its shard, one float64 all_reduce gives Σ and N over all ranks, and every
+    rank returns the same (1/N_global) Σ_global (P applied after the reduction). Every rank
+    must call it; a global N of 0 raises ValueError on every rank.
     """
     model.check_lora(lora)
+    kw = dict(loss=loss, weighting=weighting, microbatch=microbatch, temperature=temperature)
+    if is_distributed(distributed):
+        total = agree(grad_sum, model, lora, batch, **kw)
+        mean = all_reduce_mean(total, prompt_count(batch))
+    else:
+        require_batch(batch, "mean_grad")
+        total = grad_sum(model, lora, batch, **kw)
+        mean = {k: v / batch.num_prompts for k, v in total.items()}
+    return mean if preconditioner is None else preconditioner(mean)
+
+
+def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, temperature) -> Dict:
+    """Σ_n ∇θ L[n] over `batch` (zeros for None), in at least fp32, one grad per microbatch."""
     total = {
         k: torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32)) for k, v in lora.items()
     }
-    for mb in microbatches(batch, microbatch):
+    for mb in [] if batch is None else microbatches(batch, microbatch):
         g = grad(lambda p, mb=mb: prompt_losses(model, p, mb, loss=loss, weighting=weighting,
                                                temperature=temperature).sum())(lora)  # fmt: skip
         for k in total:
             total[k] += g[k]
-    mean = {k: v / batch.num_prompts for k, v in total.items()}
-    return mean if preconditioner is None else preconditioner(mean)
+    return total
+
+
+def require_batch(batch: Batch | None, what: str) -> None:
+    """Outside torch.distributed a batch must be given (None means an empty shard)."""
+    if batch is None:
+        raise ValueError(
+            f"{what}: batch is None, which means an empty shard and is only "
+            "accepted under an initialized torch.distributed process group"
+        )
 
 
 def per_sample_grads(
