@@ -1,14 +1,14 @@
 """Peak memory of `sequence_logprobs` (chunked head) against full logits + log_softmax, vocab 32k.
 
-Each measurement runs in a fresh subprocess: peak RSS (ru_maxrss) minus the RSS just before
-the measured call, so the model and batch are not counted. Run: `python bench/logprobs_memory.py`.
+Each measurement runs in a fresh subprocess: the RSS high-water mark is reset just before the
+measured call and read after it (VmHWM), minus the RSS before it, so the model and batch are
+not counted. Run: `python bench/logprobs_memory.py`.
 Writes bench/results/logprobs_memory.json.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +29,10 @@ def full_logprobs(model, lora, batch):
 
 def measure(mode: str) -> float:
     """Peak extra MiB of one call in this process."""
-    import psutil
     import torch
 
     import functional_probe as fp
+    from functional_probe.benchmark import current_rss, peak_rss, reset_peak_rss
     from functional_probe.model.loading import build_model, dense_or_nf4
     from functional_probe.model.tiny import tiny_config, tiny_lora, tiny_state_dict
 
@@ -51,7 +51,8 @@ def measure(mode: str) -> float:
     f = (lambda p: fp.sequence_logprobs(model, p, batch).sum()) if kind == "chunked" else (
         lambda p: full_logprobs(model, p, batch).sum()
     )
-    before = psutil.Process().memory_info().rss
+    reset_peak_rss()
+    before = current_rss()
     if how == "nograd":
         with torch.no_grad():
             f(lora)
@@ -59,8 +60,7 @@ def measure(mode: str) -> float:
         torch.func.jvp(f, (lora,), (tangent,))
     else:
         torch.func.grad(f)(lora)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return (peak - before) / 2**20
+    return (peak_rss() - before) / 2**20
 
 
 def main() -> None:

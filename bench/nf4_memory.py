@@ -11,7 +11,6 @@ as peak RSS minus the RSS after imports. Writes bench/results/nf4_memory.json.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -99,17 +98,16 @@ def model_bytes(model) -> dict[str, int]:
 
 def peak_forward_backward(quantize: str | None) -> dict[str, float]:
     """In this (fresh) process: build, then one forward+backward of 2 × 128 tokens."""
-    import psutil
-
     import functional_probe as fp
+    from functional_probe.benchmark import current_rss, peak_rss, reset_peak_rss
 
     torch.set_num_threads(2)
-    after_imports = psutil.Process().memory_info().rss
+    reset_peak_rss()  # the high-water mark a fresh process inherits is its parent's
+    after_imports = current_rss()
     model = qwen05_model(quantize)
     batch = fp.make_batch([[1] * 64] * 2, [[[2] * 64]] * 2)
     fp.mean_grad(model, model.lora, batch, loss="x")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_minus_imports_mib": (peak - after_imports) / 2**20, **model_bytes(model)}
+    return {"peak_minus_imports_mib": (peak_rss() - after_imports) / 2**20, **model_bytes(model)}
 
 
 def main() -> None:

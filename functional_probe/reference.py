@@ -6,6 +6,8 @@ NF4 base layers appear in it dequantized to the compute dtype (the "fp32 twin").
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -44,8 +46,10 @@ def hf_twin(model: FunctionalModel, *, attn_implementation: str = "eager") -> nn
     """A transformers causal LM (no LoRA) with `model`'s frozen weights, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    # a private config: from_config writes attn_implementation into the config it is given,
+    # so twins sharing one config would switch each other's attention (measured).
     hf = AutoModelForCausalLM.from_config(
-        model.hf_config, attn_implementation=attn_implementation, dtype=model.dtype
+        copy.deepcopy(model.hf_config), attn_implementation=attn_implementation, dtype=model.dtype
     )
     missing, unexpected = hf.load_state_dict(base_state_dict(model), strict=False)
     missing = [
