@@ -260,7 +260,7 @@ def build_setup(size: str, num_prompts: int, seq_len: int, methods: Sequence[str
     fp32 = models.get(None)
     for twin in sorted(twins):
         try:
-            setup.twins[twin] = peft_twin(fp32, "eager" if twin == "opacus" else twin)
+            setup.twins[twin] = peft_twin(fp32, attn_implementation="eager" if twin == "opacus" else twin)
             if twin == "opacus":  # Opacus records activations in training mode only (no dropout here)
                 setup.twins[twin] = opacus_module(setup.twins[twin].train())
         except Exception as err:  # record why a baseline cannot run; never hide it
