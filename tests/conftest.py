@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+import functional_probe as fp
 from functional_probe.model import tiny_model
 from functional_probe.reference import hf_twin, peft_twin
+from functional_probe.rollouts import Rollouts, write_rollouts
+from functional_probe.synthetic import sample_rollouts
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -24,3 +27,25 @@ def saved_tiny(tmp_path_factory, tiny_fp32):
     hf_twin(tiny_fp32).save_pretrained(root / "base")
     peft_twin(tiny_fp32).save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
+
+
+@pytest.fixture(scope="session")
+def saved_run(saved_tiny, tmp_path_factory):
+    """What `functional-probe run` reads: the saved tiny model + adapter, a real AdamW state over
+    the adapter's parameters (optimizer.pt), and rollout files E.jsonl and U.jsonl (3 prompts each)."""
+    base_dir, adapter_dir = saved_tiny
+    root = tmp_path_factory.mktemp("run")
+    model = fp.load_model(base_dir, adapter_dir)
+    rollouts = sample_rollouts(model, model.lora, num_prompts=6, group_size=3, seed=4)
+    for name, part in (("E", slice(0, 3)), ("U", slice(3, 6))):
+        write_rollouts(
+            root / f"{name}.jsonl",
+            Rollouts(rollouts.prompts[part], rollouts.responses[part], rollouts.advantages[part]),
+        )
+    params = [torch.nn.Parameter(v.clone()) for v in model.lora.values()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.01
+    opt.step()
+    torch.save(opt.state_dict(), root / "optimizer.pt")
+    return base_dir, adapter_dir, root, model

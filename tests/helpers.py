@@ -36,6 +36,17 @@ def token_logliks(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> Ten
     return (logp * target_mask[:, 1:]).sum(-1)
 
 
+def teacher_forcing_inputs(vocab: int, seed: int = 0):
+    """ids [3, 24], mask (row 1 left-padded by 7), targets (the last 14 positions)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 24), generator=gen)
+    mask = torch.ones(3, 24, dtype=torch.bool)
+    mask[1, :7] = False
+    targets = mask.clone()
+    targets[:, :10] = False
+    return ids, mask, targets
+
+
 def peft_reference(peft_model, ids, mask, targets):
     """Logits and the gradient of Σ teacher-forced log-likelihood over the PEFT model's
     trainable parameters, by plain torch.autograd (positions from the mask, as ours)."""

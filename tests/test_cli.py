@@ -10,35 +10,12 @@ import torch
 import functional_probe as fp
 from functional_probe.probe import ProbeResult, probe
 from functional_probe.rollouts import Rollouts, write_rollouts
-from functional_probe.synthetic import sample_rollouts
 
 
 def cli(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "functional_probe", *map(str, args)], capture_output=True, text=True, cwd=cwd
     )
-
-
-@pytest.fixture(scope="module")
-def checkpoint(saved_tiny, tmp_path_factory):
-    """Saved tiny model + adapter, an AdamW state over the adapter's parameters, E and U files."""
-    base_dir, adapter_dir = saved_tiny
-    root = tmp_path_factory.mktemp("cli")
-    model = fp.load_model(base_dir, adapter_dir)
-    rollouts = sample_rollouts(model, model.lora, num_prompts=6, group_size=3, seed=4)
-
-    def half(lo, hi):
-        return Rollouts(rollouts.prompts[lo:hi], rollouts.responses[lo:hi], rollouts.advantages[lo:hi])
-
-    write_rollouts(root / "E.jsonl", half(0, 3))
-    write_rollouts(root / "U.jsonl", half(3, 6))
-    params = [torch.nn.Parameter(v.clone()) for v in model.lora.values()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.randn_like(p) * 0.01
-    opt.step()
-    torch.save(opt.state_dict(), root / "optimizer.pt")
-    return base_dir, adapter_dir, root, model
 
 
 def test_demo_runs_and_writes_json(tmp_path):
@@ -49,8 +26,8 @@ def test_demo_runs_and_writes_json(tmp_path):
     assert r.B_E == 8 and r.B_U == 8 and r.se > 0
 
 
-def test_run_gives_the_python_api_numbers(checkpoint, tmp_path):
-    base_dir, adapter_dir, root, model = checkpoint
+def test_run_gives_the_python_api_numbers(saved_run, tmp_path):
+    base_dir, adapter_dir, root, model = saved_run
     out = cli(
         "run", "--model", base_dir, "--adapter", adapter_dir, "--optimizer-state", root / "optimizer.pt",
         "--lr", "1e-3", "--eval", root / "E.jsonl", "--update", root / "U.jsonl", "--quiet",
@@ -68,8 +45,8 @@ def test_run_gives_the_python_api_numbers(checkpoint, tmp_path):
         assert got[key] == pytest.approx(getattr(ref, key), rel=1e-6), key
 
 
-def test_optimizer_pt_beside_the_adapter_is_found(checkpoint, tmp_path):
-    base_dir, adapter_dir, root, _ = checkpoint
+def test_optimizer_pt_beside_the_adapter_is_found(saved_run, tmp_path):
+    base_dir, adapter_dir, root, _ = saved_run
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     for f in adapter_dir.iterdir():
@@ -80,8 +57,8 @@ def test_optimizer_pt_beside_the_adapter_is_found(checkpoint, tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-def bad_run(checkpoint, tmp_path, **override):
-    base_dir, adapter_dir, root, _ = checkpoint
+def bad_run(saved_run, tmp_path, **override):
+    base_dir, adapter_dir, root, _ = saved_run
     args = {"--model": base_dir, "--adapter": adapter_dir, "--optimizer-state": root / "optimizer.pt",
             "--lr": "1e-3", "--eval": root / "E.jsonl", "--update": root / "U.jsonl"}  # fmt: skip
     args.update(override)
@@ -97,28 +74,28 @@ def assert_usage_error(out, *needles):
         assert needle in message, message
 
 
-def test_missing_model_directory_exits_2(checkpoint, tmp_path):
-    assert_usage_error(bad_run(checkpoint, tmp_path, **{"--model": tmp_path / "nope"}), "--model", "nope")
+def test_missing_model_directory_exits_2(saved_run, tmp_path):
+    assert_usage_error(bad_run(saved_run, tmp_path, **{"--model": tmp_path / "nope"}), "--model", "nope")
 
 
-def test_malformed_jsonl_names_the_line(checkpoint, tmp_path):
-    lines = (checkpoint[2] / "E.jsonl").read_text().splitlines()
+def test_malformed_jsonl_names_the_line(saved_run, tmp_path):
+    lines = (saved_run[2] / "E.jsonl").read_text().splitlines()
     bad = tmp_path / "E.jsonl"
     bad.write_text("\n".join([lines[0], '{"prompt": [1, 2], "responses": oops}', lines[2]]) + "\n")
-    assert_usage_error(bad_run(checkpoint, tmp_path, **{"--eval": bad}), "E.jsonl:2")
+    assert_usage_error(bad_run(saved_run, tmp_path, **{"--eval": bad}), "E.jsonl:2")
 
 
-def test_optimizer_state_not_matching_the_adapter_exits_2(checkpoint, tmp_path):
-    state = torch.load(checkpoint[2] / "optimizer.pt", weights_only=True)
+def test_optimizer_state_not_matching_the_adapter_exits_2(saved_run, tmp_path):
+    state = torch.load(saved_run[2] / "optimizer.pt", weights_only=True)
     state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
     torch.save(state, tmp_path / "short.pt")
-    assert_usage_error(bad_run(checkpoint, tmp_path, **{"--optimizer-state": tmp_path / "short.pt"}),
+    assert_usage_error(bad_run(saved_run, tmp_path, **{"--optimizer-state": tmp_path / "short.pt"}),
                        "does not match the adapter")  # fmt: skip
 
 
-def test_token_ids_outside_the_vocabulary_exit_2(checkpoint, tmp_path):
-    vocab = checkpoint[3].vocab_size
+def test_token_ids_outside_the_vocabulary_exit_2(saved_run, tmp_path):
+    vocab = saved_run[3].vocab_size
     write_rollouts(tmp_path / "U.jsonl", Rollouts([[1, 2], [3]], [[[vocab + 5]], [[4]]], [[0.0], [0.0]]))
     assert_usage_error(
-        bad_run(checkpoint, tmp_path, **{"--update": tmp_path / "U.jsonl"}), "outside the vocabulary"
+        bad_run(saved_run, tmp_path, **{"--update": tmp_path / "U.jsonl"}), "outside the vocabulary"
     )

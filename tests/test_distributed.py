@@ -28,8 +28,7 @@ from helpers import proj_rel_err, random_direction, random_rollouts
 
 import functional_probe as fp
 from functional_probe.grads import dot
-from functional_probe.rollouts import Rollouts, write_rollouts
-from functional_probe.synthetic import sample_rollouts
+from functional_probe.rollouts import Rollouts
 
 ETA = 2e-3
 KEYS = ("bars_dot", "delta_h1", "V_X", "V_Y", "C_XY", "se", "se_conditional")
@@ -293,27 +292,8 @@ def test_errors_are_raised_on_every_rank_without_a_hang(ranks):
 # ------------------------------------------------------------------ torchrun end to end
 
 
-@pytest.fixture(scope="module")
-def checkpoint(saved_tiny, tmp_path_factory):
-    """Saved tiny model + adapter, an AdamW state, E (3 prompts: shards 2|1) and U (3) files."""
-    base_dir, adapter_dir = saved_tiny
-    root = tmp_path_factory.mktemp("torchrun")
-    model = fp.load_model(base_dir, adapter_dir)
-    rollouts = sample_rollouts(model, model.lora, num_prompts=6, group_size=3, seed=4)
-    for name, sl in (("E", slice(0, 3)), ("U", slice(3, 6))):
-        part = Rollouts(rollouts.prompts[sl], rollouts.responses[sl], rollouts.advantages[sl])
-        write_rollouts(root / f"{name}.jsonl", part)
-    params = [torch.nn.Parameter(v.clone()) for v in model.lora.values()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.randn_like(p) * 0.01
-    opt.step()
-    torch.save(opt.state_dict(), root / "optimizer.pt")
-    return base_dir, adapter_dir, root, model
-
-
-def test_torchrun_two_ranks_gives_the_single_process_numbers(checkpoint, tmp_path):
-    base_dir, adapter_dir, root, model = checkpoint
+def test_torchrun_two_ranks_gives_the_single_process_numbers(saved_run, tmp_path):
+    base_dir, adapter_dir, root, model = saved_run
     args = ["run", "--model", base_dir, "--adapter", adapter_dir, "--optimizer-state", root / "optimizer.pt",
             "--lr", "1e-3", "--eval", root / "E.jsonl", "--update", root / "U.jsonl", "--quiet",
             "--out", tmp_path / "r.json"]  # fmt: skip

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from bitsandbytes.functional import dequantize_4bit
 from helpers import assert_not_trivial, dict_rel_err, peft_reference, rel_err, token_logliks
+from helpers import teacher_forcing_inputs as inputs
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -51,16 +52,6 @@ BNB_CONFIG = dict(
 
 
 # ---------------------------------------------------------------------------- builders
-
-
-def inputs(vocab: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (3, 24), generator=gen)
-    mask = torch.ones(3, 24, dtype=torch.bool)
-    mask[1, :7] = False  # a left-padded row
-    targets = mask.clone()
-    targets[:, :10] = False  # teacher-forced on the last tokens only
-    return ids, mask, targets
 
 
 def fp32_peft(base_dir, seed: int = 0, **overrides):

@@ -6,21 +6,12 @@ import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from helpers import assert_not_trivial, dict_rel_err, peft_reference, rel_err, token_logliks
+from helpers import teacher_forcing_inputs as inputs
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 import functional_probe as fp
 from functional_probe.model.tiny import tiny_state_dict
-
-
-def inputs(vocab: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (3, 24), generator=gen)
-    mask = torch.ones(3, 24, dtype=torch.bool)
-    mask[1, :7] = False  # a left-padded row
-    targets = mask.clone()
-    targets[:, :10] = False  # teacher-forced on the last tokens only
-    return ids, mask, targets
 
 
 def functional_result(model, ids, mask, targets):
@@ -55,9 +46,7 @@ def test_nf4_matches_fp32_twin_of_bitsandbytes_dequantized_weights(saved_tiny):
         for name, module in hf.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 w = module.weight.data
-                packed, state = quantize_4bit(
-                    w, blocksize=64, quant_type="nf4", compress_statistics=True
-                )
+                packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
                 module.weight.copy_(dequantize_4bit(packed, state).to(w.dtype))
     twin = PeftModel.from_pretrained(hf, adapter_dir, is_trainable=True).eval()
     ids, mask, targets = inputs(model.vocab_size, seed=1)
@@ -109,9 +98,7 @@ def test_fresh_lora_has_peft_names_and_zero_B(saved_tiny):
     base_dir, _ = saved_tiny
     model = fp.load_model(base_dir, r=4, lora_alpha=8, target_modules=("q_proj", "up_proj"))
     hf = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(
-        hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
-    )
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
     expected = {n: p.shape for n, p in peft_model.named_parameters() if p.requires_grad}
     assert {k: v.shape for k, v in model.lora.items()} == expected
     assert list(model.lora) == list(expected)  # the order an optimizer over PEFT's parameters uses
@@ -158,11 +145,7 @@ def test_dora_adapter_is_refused(saved_tiny, tmp_path):
 def test_nf4_load_never_holds_all_fp32_linears(saved_tiny):
     base_dir, adapter_dir = saved_tiny
     model = fp.load_model(base_dir, adapter_dir, quantize="nf4")
-    dense = [
-        n
-        for n, b in model.named_buffers()
-        if b.dim() == 2 and "layers" in n and b.is_floating_point()
-    ]
+    dense = [n for n, b in model.named_buffers() if b.dim() == 2 and "layers" in n and b.is_floating_point()]
     assert dense == [], dense
 
 
