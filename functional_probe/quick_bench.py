@@ -19,12 +19,7 @@ def quick_specs(repeats: int = 3) -> list[PointSpec]:
     return [PointSpec("small", n, 128, QUICK_METHODS, (), repeats, "quick") for n in (16, 32)]
 
 
-def main() -> int:
-    """Run the quick points, print the tables (ratios: median over median, same process). Returns 0."""
+def quick_report() -> str:
+    """Run the quick points; their Markdown tables (ratios: median over median, same process)."""
     result = run_points(quick_specs(), threads=2, command="functional-probe bench", log=lambda _: None)
-    print(markdown_report(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return markdown_report(result)
