@@ -33,13 +33,13 @@ from .grads import (
     dot,
     microbatches,
     per_sample_grads,
-    prepared,
     prompt_losses,
     require_batch,
 )  # fmt: skip
 from .logprobs import check_temperature, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
 from .model import FunctionalModel
+from .model.functional import check_same_keys_and_shapes
 from .stats import Moments, moments
 
 METHODS = ("vjp", "jvp", "func_jvp", "vmap", "loop")
@@ -47,16 +47,8 @@ METHODS = ("vjp", "jvp", "func_jvp", "vmap", "loop")
 
 def check_direction(lora: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> None:
     """A direction must have exactly the LoRA dict's keys and shapes; ValueError names the first mismatch."""
-    for key, value in lora.items():
-        if key not in direction:
-            raise ValueError(f"direction is missing {key!r} (expected shape {tuple(value.shape)})")
-        if direction[key].shape != value.shape:
-            raise ValueError(
-                f"direction[{key!r}] has shape {tuple(direction[key].shape)}, expected {tuple(value.shape)}"
-            )
-    extra = sorted(set(direction) - set(lora))
-    if extra:
-        raise ValueError(f"direction has key {extra[0]!r} that the LoRA dict does not have")
+    shapes = {k: v.shape for k, v in lora.items()}
+    check_same_keys_and_shapes(shapes, direction, what="direction", owner="the LoRA dict")
 
 
 def alpha_projections(
@@ -113,7 +105,6 @@ def projection_one(model, lora, batch, direction, **kw) -> Tensor:
 def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature) -> Tensor:
     """s = J v from the dual forward: (S, Ṡ) in one pass, then the loss's jvp in S
     (its leave-one-out coefficient is under stop-gradient, so it stays frozen)."""
-    batch = prepared(model, batch)
     S, S_dot = sequence_logprobs_and_tangent(model, lora, direction, batch, temperature=temperature)
     if loss == "x":
         return jvp(lambda S: x_losses(S, batch, weighting=weighting), (S,), (S_dot,))[1]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .batch import Batch
-from .grads import dot, mean_grad
+from .grads import dot, dot64, mean_grad
 from .logprobs import sequence_logprobs
 from .losses import x_losses
 from .model import FunctionalModel
@@ -67,7 +67,7 @@ def first_order_check(
     """Actual against predicted change of the mean X surrogate along the step η·μY, for each η."""
     mu_x = mean_grad(model, lora, E, loss="x", weighting=weighting)
     mu_y = mean_grad(model, lora, U, loss="y", preconditioner=preconditioner)
-    bars_dot = float(dot({k: v.double() for k, v in mu_x.items()}, mu_y))
+    bars_dot = dot64(mu_x, mu_y)
     theta_norm = math.sqrt(float(dot(lora, lora)))
     step_norm = math.sqrt(float(dot(mu_y, mu_y)))
     surrogate = frozen_surrogate(model, E, lora, weighting)

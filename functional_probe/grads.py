@@ -15,7 +15,7 @@ from torch.func import grad, vmap
 
 from .batch import Batch
 from .distributed import agree, all_reduce_mean, is_distributed, prompt_count
-from .logprobs import check_temperature, grouped_logprobs
+from .logprobs import check_temperature, grouped_logprobs, prepared
 from .losses import WEIGHTINGS, x_loss_values, y_loss_values
 from .model import FunctionalModel
 
@@ -76,11 +76,6 @@ def prompt_losses(
         model, batch, loss=loss, weighting=weighting, temperature=check_temperature(temperature)
     )
     return fn(lora, *batch_tensors(batch))
-
-
-def prepared(model: FunctionalModel, batch: Batch) -> Batch:
-    batch.check_vocab(model.vocab_size)
-    return batch.to(model.device)
 
 
 def microbatches(batch: Batch, microbatch: int | None) -> list[Batch]:
@@ -170,6 +165,11 @@ def per_sample_grads(
 
     in_dims = (None,) + (0,) * 7
     return vmap(grad(one), in_dims=in_dims, chunk_size=chunk_size)(lora, *batch_tensors(batch))
+
+
+def dot64(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    """<a, b> accumulated in float64, as a Python float (for statistics such as <μX, μY>)."""
+    return float(dot({k: v.double() for k, v in a.items()}, b))
 
 
 def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:

@@ -26,6 +26,12 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def prepared(model: FunctionalModel, batch: Batch) -> Batch:
+    """The batch checked against the model's vocabulary and moved to its device."""
+    batch.check_vocab(model.vocab_size)
+    return batch.to(model.device)
+
+
 def token_logprobs(
     hidden: Tensor,
     head_weight: Tensor,
@@ -71,8 +77,7 @@ def sequence_logprobs(
     padded targets are masked out. Memory of the head: see `token_logprobs`.
     """
     temperature = check_temperature(temperature)
-    batch.check_vocab(model.vocab_size)
-    batch = batch.to(model.device)
+    batch = prepared(model, batch)
     return grouped_logprobs(
         model, lora, batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask,
         prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens,
@@ -123,8 +128,7 @@ def sequence_logprobs_and_tangent(
     from .model.dual import dual_hidden_states, head_logprobs_tangent
 
     temperature = check_temperature(temperature)
-    batch.check_vocab(model.vocab_size)
-    batch = batch.to(model.device)
+    batch = prepared(model, batch)
     n, g, p = batch.num_prompts, batch.group_size, batch.prompt_end
     flat = lambda t: t.reshape(n * g, -1)  # noqa: E731  [N·G, T]
     ids = flat(batch.input_ids)

@@ -26,7 +26,7 @@ from .distributed import (
     prompt_count,
     rank_and_world,
 )
-from .grads import dot, mean_grad, require_batch
+from .grads import dot64, mean_grad, require_batch
 from .model import FunctionalModel
 from .stats import Moments, moments
 
@@ -202,7 +202,7 @@ def assemble(mu_x, mu_y, m_s: Moments, m_t: Moments, m_c: Moments, s: Tensor, t:
     """ProbeResult from the means, the (global) moments of s, t and of the shared pairs."""
     V_X, V_Y = m_s.var_of_mean_x(), m_t.var_of_mean_x()
     C_XY = cross_of(m_c, m_s.n, m_t.n)
-    bars_dot = float(dot({k: v.double() for k, v in mu_x.items()}, mu_y))
+    bars_dot = dot64(mu_x, mu_y)
     return ProbeResult(
         eta=float(eta), bars_dot=bars_dot, delta_h1=eta * bars_dot, V_X=V_X, V_Y=V_Y, C_XY=C_XY,
         se=abs(eta) * math.sqrt(max(V_X + V_Y + 2 * C_XY, 0.0)), se_conditional=abs(eta) * math.sqrt(V_X),

@@ -35,9 +35,7 @@ class FunctionalModel(nn.Module):
         self.decoder = decoder
         self.adapter_name = adapter_name
         self.hf_config = hf_config
-        self._internal = {
-            peft_name(name, adapter_name): name for name, _ in decoder.named_parameters()
-        }
+        self._internal = {peft_name(name, adapter_name): name for name, _ in decoder.named_parameters()}
         if not self._internal:
             raise ValueError("the model has no LoRA tensors: nothing to differentiate")
         self._shapes = {k: p.shape for k, p in self._lora_items()}
@@ -70,19 +68,10 @@ class FunctionalModel(nn.Module):
 
     def check_lora(self, lora: Mapping[str, Tensor]) -> None:
         """Raise ValueError naming the first key missing, unexpected, or of the wrong shape."""
-        for key, shape in self._shapes.items():
-            if key not in lora:
-                raise ValueError(f"LoRA dict is missing {key!r} (expected shape {tuple(shape)})")
-            if lora[key].shape != shape:
-                raise ValueError(
-                    f"LoRA tensor {key!r} has shape {tuple(lora[key].shape)}, expected {tuple(shape)}"
-                )
-        extra = set(lora) - set(self._shapes)
-        if extra:
-            raise ValueError(
-                f"LoRA dict has key {sorted(extra)[0]!r} that the model does not have "
-                f"(a merged adapter, another adapter name, or a DDP 'module.' prefix?)"
-            )
+        check_same_keys_and_shapes(
+            self._shapes, lora, what="LoRA dict", owner="the model",
+            hint=" (a merged adapter, another adapter name, or a DDP 'module.' prefix?)",
+        )  # fmt: skip
 
     def hidden_states(
         self,
@@ -114,6 +103,21 @@ class FunctionalModel(nn.Module):
         vocabularies prefer `hidden_states` + a chunked head (see `sequence_logprobs`)."""
         hidden = self.hidden_states(lora, input_ids, attention_mask, position_ids)
         return hidden @ self.head_weight.T
+
+
+def check_same_keys_and_shapes(
+    expected: Mapping[str, torch.Size], given: Mapping[str, Tensor], *, what: str, owner: str, hint: str = ""
+) -> None:
+    """ValueError naming the first key of `expected` missing from `given`, of another shape, or
+    the first key of `given` that `owner` does not have."""
+    for key, shape in expected.items():
+        if key not in given:
+            raise ValueError(f"{what} is missing {key!r} (expected shape {tuple(shape)})")
+        if given[key].shape != shape:
+            raise ValueError(f"{what}[{key!r}] has shape {tuple(given[key].shape)}, expected {tuple(shape)}")
+    extra = sorted(set(given) - set(expected))
+    if extra:
+        raise ValueError(f"{what} has key {extra[0]!r} that {owner} does not have{hint}")
 
 
 def default_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
