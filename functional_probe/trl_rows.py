@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SCALE_REWARDS", "TrainerRows", "pad_rows", "trl_advantages"]
+__all__ = ["SCALE_REWARDS", "TrainerRows", "micro_batches_from_inputs", "pad_rows", "trl_advantages"]
 
 SCALE_REWARDS = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
@@ -136,6 +136,31 @@ class TrainerRows:
             **{k: None if v is None else v.detach().float() for k, v in optional.items()},
         )  # fmt: skip
 
+
+
+def micro_batches_from_inputs(
+    inputs: Sequence[Mapping[str, Any]], groups: Sequence[Tensor | Sequence[int]] | None = None
+) -> list[TrainerRows]:
+    """Rows of the micro-batches TRL built from one generation batch (e.g. its buffered inputs).
+
+    `groups` gives the prompt index of each row of each micro-batch. None recovers it from the
+    prompts: TRL pads a generation batch's prompts together, so the G completions of a prompt
+    carry identical prompt rows; identical prompts (the same text drawn twice) become one group.
+    """
+    if not inputs:
+        raise ValueError("micro_batches_from_inputs needs at least one micro-batch")
+    if groups is None:
+        widths = {int(mb["prompt_ids"].shape[1]) for mb in inputs}
+        if len(widths) != 1:
+            raise ValueError(f"micro-batches have prompt widths {sorted(widths)}: they are not from one "
+                             "generation batch; pass groups explicitly")  # fmt: skip
+        prompts = torch.cat([mb["prompt_ids"] * mb["prompt_mask"].bool() for mb in inputs])  # pads as 0
+        key = torch.cat([prompts, torch.cat([mb["prompt_mask"].long() for mb in inputs])], dim=-1)
+        inverse = torch.unique(key, dim=0, return_inverse=True)[1]
+        groups = inverse.split([int(mb["prompt_ids"].shape[0]) for mb in inputs])
+    if len(groups) != len(inputs):
+        raise ValueError(f"got {len(groups)} group vectors for {len(inputs)} micro-batches")
+    return [TrainerRows.from_inputs(mb, g) for mb, g in zip(inputs, groups, strict=True)]
 
 def pad_rows(
     prompts: Sequence[Sequence[int]],

@@ -21,7 +21,7 @@ from functional_probe.trl_loss import (
     trainer_prompt_losses,
     trainer_token_logps,
 )
-from functional_probe.trl_rows import TrainerRows, trl_advantages
+from functional_probe.trl_rows import TrainerRows, micro_batches_from_inputs, trl_advantages
 
 trl = pytest.importorskip("trl")
 
@@ -306,6 +306,28 @@ def test_rows_and_advantages_from_trl_generation_equal_trls(scale_rewards):
     assert dict_rel_err(trainer_grad(model, model.lora, from_trl, loss), ref_grad) < TOL
 
 
+def test_micro_batches_from_trls_shuffled_split_recover_groups_and_the_step():
+    """TRL's own shuffle and split of a generated batch (as `_prepare_inputs` does): groups are
+    recovered from the prompts, and the step over the micro-batches equals TRL's .grad."""
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    trainer = grpo_trainer(ga=2, loss_type="grpo", num_generations=3, per_device_train_batch_size=3)
+    loss = config_of(trainer)
+    prompts = ["t5 t6 t7", "t8 t9"]
+    torch.manual_seed(1)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(3)])
+    out["row"] = torch.arange(6)  # to check the recovered groups against the generation order
+    mbs_in = split_tensor_dict(shuffle_sequence_dict(out), 2)
+    mbs = micro_batches_from_inputs([{k: v for k, v in mb.items() if k != "row"} for mb in mbs_in])
+    rows_of = torch.cat([mb["row"] for mb in mbs_in]) // 3  # the prompt of each row, in split order
+    groups = torch.cat([mb.group for mb in mbs])
+    assert all(len(set(groups[rows_of == p].tolist())) == 1 for p in range(2)) and len(set(groups.tolist())) == 2
+    model = fp.from_peft(trainer.model)
+    _, ref = trl_step(trainer, mbs)
+    assert_not_trivial(ref)
+    assert dict_rel_err(trainer_grad(model, model.lora, mbs, loss), ref) < TOL
+
+
 def test_advantages_with_unequal_groups_and_unscorable_rewards_equal_a_per_group_loop():
     group = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 3])
     rewards = torch.tensor([1.0, 2.0, 0.5, float("nan"), 4.0, -1.0, 3.0, 0.0, 7.0])
@@ -333,7 +355,8 @@ def test_from_config_reads_grpo_config_and_refuses_what_it_cannot_express():
                           max_completion_length=17, temperature=0.9, beta=0.1, epsilon_high=0.3,
                           gradient_accumulation_steps=4, scale_rewards=False, num_iterations=3,
                           per_device_train_batch_size=2, num_generations=2)  # fmt: skip
-    loss = TrainerLoss.from_config(args)
+    with pytest.warns(UserWarning, match="bf16=True"):  # GRPOConfig's default: TRL autocasts its loss
+        loss = TrainerLoss.from_config(args)
     assert (loss.loss_type, loss.max_completion_length, loss.temperature, loss.beta) == ("dr_grpo", 17, 0.9, 0.1)
     assert (loss.eps_low, loss.eps_high, loss.scale_rewards) == (0.2, 0.3, "none")
     assert (loss.gradient_accumulation_steps, loss.spg, loss.num_iterations, loss.num_processes) == (4, 4, 3, 1)
