@@ -230,6 +230,8 @@ def test_group_decomposition_sums_to_step_and_matches_trl_per_group():
     L = trainer_prompt_losses(model, model.lora, mbs, loss)
     assert L.shape == (len(GROUP_SIZES),)
     torch.testing.assert_close(L.sum(), sum(trainer_loss(model, model.lora, mb, loss) for mb in mbs))
+    g2 = torch.func.grad(lambda p: trainer_prompt_losses(model, p, mbs, loss)[2])(model.lora)  # pure in lora
+    assert dict_rel_err(g2, {k: v[2] for k, v in per_group.items()}) < TOL
     for n in range(len(GROUP_SIZES)):
         only_n = [TrainerRows(**{**vars(mb), "advantages": torch.where(mb.group == n, mb.advantages, 0.0)})
                   for mb in mbs]  # fmt: skip
