@@ -14,6 +14,8 @@ from .model import FunctionalModel, from_peft, load_model, tiny_model
 from .precondition import AdamPreconditioner
 from .probe import ProbeResult, probe
 from .rollouts import Rollouts, read_rollouts, write_rollouts
+from .trl_loss import TrainerLoss, trainer_grad, trainer_group_grads, trainer_loss, trainer_prompt_losses
+from .trl_rows import TrainerRows, micro_batches_from_inputs, trl_advantages
 
 __all__ = [
     "METHODS",
@@ -23,6 +25,8 @@ __all__ = [
     "FunctionalModel",
     "ProbeResult",
     "Rollouts",
+    "TrainerLoss",
+    "TrainerRows",
     "alpha_projections",
     "alpha_variance",
     "from_peft",
@@ -30,6 +34,7 @@ __all__ = [
     "load_model",
     "make_batch",
     "mean_grad",
+    "micro_batches_from_inputs",
     "per_sample_grads",
     "probe",
     "prompt_losses",
@@ -40,6 +45,11 @@ __all__ = [
     "shard_range",
     "shard_rollouts",
     "tiny_model",
+    "trainer_grad",
+    "trainer_group_grads",
+    "trainer_loss",
+    "trainer_prompt_losses",
+    "trl_advantages",
     "write_rollouts",
     "x_losses",
     "y_losses",

@@ -1,0 +1,413 @@
+"""The trainer loss against TRL's own: `GRPOTrainer.compute_loss` (-> `_compute_loss`) of a real
+GRPOTrainer built on CPU around a tiny PEFT Llama (in-memory tokenizer, dummy reward, no network),
+called on the same tensors, with the gradient read from the LoRA parameters' .grad."""
+
+from __future__ import annotations
+
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import assert_not_trivial, dict_rel_err, rel_err
+
+import functional_probe as fp
+from functional_probe.trl_loss import (
+    LOSS_TYPES,
+    TrainerLoss,
+    trainer_grad,
+    trainer_group_grads,
+    trainer_loss,
+    trainer_prompt_losses,
+    trainer_token_logps,
+)
+from functional_probe.trl_rows import TrainerRows, micro_batches_from_inputs, trl_advantages
+
+trl = pytest.importorskip("trl")
+
+VOCAB, EOS, PAD = 32, 2, 0
+TOL = 1e-5
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", eos_token="t2", unk_token="t1")
+
+
+def peft_llama(seed: int = 0):
+    """A tiny random Llama with LoRA (dropout 0, both factors non-zero) on all seven projections."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=3,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(config)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    return get_peft_model(base, lora)
+
+
+def grpo_trainer(ga: int = 1, **config):
+    """A real GRPOTrainer on CPU with its own tiny PEFT model, in training mode, with the
+    accumulation count its training loop would set. Its reward (text length) is recorded in
+    `trainer.rewards_seen`."""
+    from datasets import Dataset
+
+    defaults = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=8)
+    args = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+        save_strategy="no", gradient_accumulation_steps=ga, **(defaults | config),
+    )  # fmt: skip
+    seen = []
+
+    def reward(completions, **kw):
+        seen.append([float(len(c)) for c in completions])
+        return seen[-1]
+
+    trainer = trl.GRPOTrainer(
+        model=peft_llama(), reward_funcs=reward, args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["t5 t6 t7"] * 8}), processing_class=tokenizer(),
+    )  # fmt: skip
+    trainer.rewards_seen = seen
+    trainer.current_gradient_accumulation_steps = ga
+    trainer.model.train()
+    return trainer
+
+
+def trl_inputs(rows: TrainerRows) -> dict:
+    """The dict TRL's loss receives, from our rows (masks as TRL's long tensors)."""
+    out = {
+        "prompt_ids": rows.prompt_ids, "prompt_mask": rows.prompt_mask.long(),
+        "completion_ids": rows.completion_ids, "completion_mask": rows.completion_mask.long(),
+        "advantages": rows.advantages, "num_items_in_batch": torch.tensor(rows.num_items_in_batch),
+    }  # fmt: skip
+    if rows.old_logps is not None:
+        out["old_per_token_logps"] = rows.old_logps
+    if rows.ref_logps is not None:
+        out["ref_per_token_logps"] = rows.ref_logps
+    return out
+
+
+def trl_step(trainer, micro_batches: list[TrainerRows]) -> tuple[list[float], dict]:
+    """TRL's loss per micro-batch and the LoRA .grad after backward on each (one accumulation window)."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    losses = []
+    for mb in micro_batches:
+        loss = trainer.compute_loss(model, trl_inputs(mb))
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+GROUP_SIZES = (3, 1, 4, 2)  # unequal groups: 10 rows
+
+
+def random_rows(loss: TrainerLoss, model, *, seed: int = 0, old_noise: float = 0.0, ref_noise: float = 0.0,
+                truncated: list[int] = ()) -> TrainerRows:  # fmt: skip
+    """A generation batch of ragged prompts/completions in TRL's layout, shuffled as TRL shuffles;
+    advantages from random rewards; old / ref log-probs = current ones + noise (data for the loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    prompts, completions, group = [], [], []
+    for n, size in enumerate(GROUP_SIZES):
+        prompt = torch.randint(3, VOCAB, (rand(1, 5),), generator=gen).tolist()
+        for _ in range(size):
+            prompts.append(prompt)
+            completions.append(torch.randint(3, VOCAB, (rand(1, loss.max_completion_length),), generator=gen).tolist())
+            group.append(n)
+    perm = torch.randperm(len(group), generator=gen).tolist()
+    prompts, completions, group = ([x[i] for i in perm] for x in (prompts, completions, group))
+    rewards = torch.randn(len(group), generator=gen)
+    flags = torch.zeros(len(group), dtype=torch.bool)
+    flags[list(truncated)] = True
+    rows = loss.rows(prompts, completions, group, rewards=rewards, truncated=flags)
+    with torch.no_grad():
+        logp = trainer_token_logps(model, model.lora, rows.prompt_ids, rows.prompt_mask, rows.completion_ids,
+                                   rows.completion_mask, temperature=loss.temperature)  # fmt: skip
+    noise = lambda s: (logp + s * torch.randn(logp.shape, generator=gen)) * rows.completion_mask  # noqa: E731
+    return TrainerRows(**{**vars(rows), "old_logps": noise(old_noise) if old_noise else None,
+                          "ref_logps": noise(ref_noise) if ref_noise else None})  # fmt: skip
+
+
+def compare(loss: TrainerLoss, trainer, rows: TrainerRows, micro: int = 4):
+    """Our loss per micro-batch and step gradient against TRL's on the same tensors (1e-5)."""
+    model = fp.from_peft(trainer.model)
+    mbs = rows.split(micro)
+    ref_losses, ref_grad = trl_step(trainer, mbs)
+    ours = [trainer_loss(model, model.lora, mb, loss).item() for mb in mbs]
+    g = trainer_grad(model, model.lora, mbs, loss)
+    assert_not_trivial(ref_grad)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref_losses), rtol=TOL, atol=TOL * max(map(abs, ref_losses)))
+    assert dict_rel_err(g, ref_grad) < TOL
+    return model, mbs, g
+
+
+def config_of(trainer, **over) -> TrainerLoss:
+    return TrainerLoss.from_config(trainer.args, **over)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_each_loss_type_matches_trl_with_temperature_and_accumulation(loss_type):
+    """On-policy, temperature 0.7, GA = 3 (three micro-batches of a shuffled 10-row batch)."""
+    level = "sequence" if loss_type == "luspo" else "token"
+    trainer = grpo_trainer(ga=3, loss_type=loss_type, temperature=0.7, importance_sampling_level=level)
+    loss = config_of(trainer)
+    assert (loss.loss_type, loss.temperature, loss.gradient_accumulation_steps) == (loss_type, 0.7, 3)
+    model = fp.from_peft(trainer.model)
+    compare(loss, trainer, random_rows(loss, model), micro=4)
+
+
+@pytest.mark.parametrize(
+    "loss_type, options",
+    [("grpo", {}), ("bnpo", {"delta": 1.3}), ("dr_grpo", {"epsilon_high": 0.28}), ("dapo", {}),
+     ("cispo", {"epsilon_high": 1.1}), ("sapo", {}), ("luspo", {"importance_sampling_level": "sequence"}),
+     ("vespo", {}), ("grpo", {"importance_sampling_level": "sequence"}), ("dapo", {"steps_per_generation": 4})],
+)  # fmt: skip
+def test_off_policy_ratio_and_clipping_match_trl(loss_type, options):
+    """num_iterations = 2 with old log-probs far enough from the current ones that clipping is active."""
+    trainer = grpo_trainer(ga=2, loss_type=loss_type, num_iterations=2, **options)
+    loss = config_of(trainer)
+    assert loss.needs_old_logps
+    model = fp.from_peft(trainer.model)
+    rows = random_rows(loss, model, seed=1, old_noise=0.3)
+    with torch.no_grad():
+        logp = trainer_token_logps(model, model.lora, rows.prompt_ids, rows.prompt_mask, rows.completion_ids,
+                                   rows.completion_mask, temperature=loss.temperature)  # fmt: skip
+    ratio = (logp - rows.old_logps).exp()[rows.completion_mask]
+    outside = (ratio < 1 - loss.eps_low) | (ratio > 1 + loss.eps_high)
+    assert 0.1 < outside.float().mean() < 0.9, "clipping should be active on some tokens, not all"
+    compare(loss, trainer, rows, micro=5)
+
+
+@pytest.mark.parametrize("loss_type, bias_correction", [("grpo", False), ("dapo", True), ("dr_grpo", False)])
+def test_kl_term_with_reference_logps_matches_trl(loss_type, bias_correction):
+    kw = dict(num_iterations=2) if bias_correction else {}
+    trainer = grpo_trainer(loss_type=loss_type, beta=0.04, use_bias_correction_kl=bias_correction, **kw)
+    loss = config_of(trainer)
+    model = fp.from_peft(trainer.model)
+    rows = random_rows(loss, model, seed=2, ref_noise=0.5, old_noise=0.2 if bias_correction else 0.0)
+    no_kl = TrainerLoss(**{**vars(loss), "beta": 0.0})
+    g_kl = trainer_grad(model, model.lora, rows.split(5), loss)
+    g_no = trainer_grad(model, model.lora, rows.split(5), no_kl)
+    assert dict_rel_err(g_no, g_kl) > 1e-2, "the KL term should change the gradient"
+    compare(loss, trainer, rows, micro=5)
+
+
+def test_masked_truncated_completions_get_zero_weight_like_trl():
+    trainer = grpo_trainer(loss_type="grpo", mask_truncated_completions=True)
+    loss = config_of(trainer)
+    model = fp.from_peft(trainer.model)
+    rows = random_rows(loss, model, seed=3, truncated=[0, 4, 7])
+    assert rows.lengths[[0, 4, 7]].eq(0).all() and rows.lengths.gt(0).sum() == 7
+    assert rows.num_items_in_batch == int(rows.lengths.sum())
+    compare(loss, trainer, rows, micro=4)
+    # zero weight: the same gradient as with those rows' advantages zeroed
+    zeroed = TrainerRows(**{**vars(rows), "advantages": rows.advantages.index_fill(0, torch.tensor([0, 4, 7]), 0)})
+    a, b = (trainer_grad(model, model.lora, r.split(4), loss) for r in (rows, zeroed))
+    assert dict_rel_err(a, b) < 1e-6
+
+
+def test_group_decomposition_sums_to_step_and_matches_trl_per_group():
+    """Per-prompt gradients (unequal groups, spread over micro-batches): each equals TRL's gradient
+    with every other group's advantages zeroed (beta = 0: the loss is linear in A), and they sum to
+    the step gradient; per-prompt losses sum to the step loss."""
+    trainer = grpo_trainer(ga=3, loss_type="bnpo", num_iterations=2)
+    loss = config_of(trainer)
+    model = fp.from_peft(trainer.model)
+    rows = random_rows(loss, model, seed=4, old_noise=0.3)
+    mbs = rows.split(4)
+    per_group = trainer_group_grads(model, model.lora, mbs, loss)
+    step = trainer_grad(model, model.lora, mbs, loss)
+    assert dict_rel_err({k: v.sum(0) for k, v in per_group.items()}, step) < TOL
+    L = trainer_prompt_losses(model, model.lora, mbs, loss)
+    assert L.shape == (len(GROUP_SIZES),)
+    torch.testing.assert_close(L.sum(), sum(trainer_loss(model, model.lora, mb, loss) for mb in mbs))
+    g2 = torch.func.grad(lambda p: trainer_prompt_losses(model, p, mbs, loss)[2])(model.lora)  # pure in lora
+    assert dict_rel_err(g2, {k: v[2] for k, v in per_group.items()}) < TOL
+    for n in range(len(GROUP_SIZES)):
+        only_n = [TrainerRows(**{**vars(mb), "advantages": torch.where(mb.group == n, mb.advantages, 0.0)})
+                  for mb in mbs]  # fmt: skip
+        _, ref = trl_step(trainer, only_n)
+        ours = {k: v[n] for k, v in per_group.items()}
+        if GROUP_SIZES[n] == 1:  # a group of one has advantage 0 (TRL's too): no gradient
+            assert all(v.abs().max() < 1e-9 for d in (ours, ref) for v in d.values())
+            continue
+        assert_not_trivial(ref)
+        assert dict_rel_err(ours, ref) < TOL
+
+
+class TwoProcesses:
+    """TRL's accelerator as seen by one of two data-parallel ranks: `num_processes` = 2; the
+    reductions TRL uses for its metrics stay local (they do not enter the loss)."""
+
+    def __init__(self, accelerator):
+        self._acc = accelerator
+        self.num_processes = 2
+
+    def __getattr__(self, name):
+        return getattr(self._acc, name)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_two_processes_average_like_ddp(loss_type):
+    """Rank r runs TRL's loss on its micro-batches with num_processes = 2; DDP averages the ranks'
+    gradients. Ours on all ranks' micro-batches with num_processes = 2 equals that average."""
+    trainer = grpo_trainer(ga=2, loss_type=loss_type)
+    trainer.accelerator = TwoProcesses(trainer.accelerator)
+    loss = config_of(trainer, num_processes=2)
+    model = fp.from_peft(trainer.model)
+    mbs = random_rows(loss, model, seed=5).split(3)  # 4 micro-batches: rank 0 gets two, rank 1 two
+    grads = [trl_step(trainer, mbs[r::2])[1] for r in range(2)]
+    ddp = {k: (grads[0][k] + grads[1][k]) / 2 for k in grads[0]}
+    assert dict_rel_err(trainer_grad(model, model.lora, mbs, loss), ddp) < TOL
+
+
+# --------------------------------------------------------------------- TRL's own batches
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_rows_and_advantages_from_trl_generation_equal_trls(scale_rewards):
+    """TRL generates and scores a batch (real `_generate_and_score_completions`, truncation masked);
+    rebuilding rows from its token lists and rewards gives TRL's tensors, advantages and
+    num_items_in_batch; the loss from `TrainerRows.from_inputs` matches TRL's."""
+    trainer = grpo_trainer(loss_type="dapo", scale_rewards=scale_rewards, mask_truncated_completions=True,
+                           num_generations=4, per_device_train_batch_size=8)  # fmt: skip
+    loss = config_of(trainer)
+    prompts = ["t5 t6 t7", "t8 t9"]
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(4)])
+    group = torch.arange(2).repeat_interleave(4)
+    prompt_lists = [ids[m.bool()].tolist() for ids, m in zip(out["prompt_ids"], out["prompt_mask"], strict=True)]
+    completions, truncated = [], []
+    for ids in out["completion_ids"]:  # TRL's completion lists: cut after the first EOS
+        ids = ids.tolist()
+        cut = ids.index(EOS) + 1 if EOS in ids else len(ids)
+        completions.append(ids[:cut])
+        truncated.append(ids[cut - 1] not in (EOS, PAD))
+    assert 0 < sum(truncated) < len(truncated), "need truncated and finished completions"
+    rewards = torch.tensor(trainer.rewards_seen[-1])
+    rows = loss.rows(prompt_lists, completions, group, rewards=rewards, truncated=truncated)
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+        assert torch.equal(getattr(rows, name).long(), out[name].long()[:, : getattr(rows, name).shape[1]]), name
+    assert rows.num_items_in_batch == int(out["num_items_in_batch"])
+    torch.testing.assert_close(rows.advantages, out["advantages"], rtol=1e-5, atol=1e-5)
+    if scale_rewards != "none":
+        assert rows.advantages.abs().max() > 0.1
+    model = fp.from_peft(trainer.model)
+    from_trl = TrainerRows.from_inputs(out, group)
+    ref_losses, ref_grad = trl_step(trainer, [from_trl])
+    torch.testing.assert_close(trainer_loss(model, model.lora, from_trl, loss).item(), ref_losses[0], rtol=TOL, atol=1e-7)
+    assert dict_rel_err(trainer_grad(model, model.lora, from_trl, loss), ref_grad) < TOL
+
+
+def test_micro_batches_from_trls_shuffled_split_recover_groups_and_the_step():
+    """TRL's own shuffle and split of a generated batch (as `_prepare_inputs` does): groups are
+    recovered from the prompts, and the step over the micro-batches equals TRL's .grad."""
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    trainer = grpo_trainer(ga=2, loss_type="grpo", num_generations=3, per_device_train_batch_size=3)
+    loss = config_of(trainer)
+    prompts = ["t5 t6 t7", "t8 t9"]
+    torch.manual_seed(1)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(3)])
+    out["row"] = torch.arange(6)  # to check the recovered groups against the generation order
+    mbs_in = split_tensor_dict(shuffle_sequence_dict(out), 2)
+    mbs = micro_batches_from_inputs([{k: v for k, v in mb.items() if k != "row"} for mb in mbs_in])
+    rows_of = torch.cat([mb["row"] for mb in mbs_in]) // 3  # the prompt of each row, in split order
+    groups = torch.cat([mb.group for mb in mbs])
+    assert all(len(set(groups[rows_of == p].tolist())) == 1 for p in range(2)) and len(set(groups.tolist())) == 2
+    model = fp.from_peft(trainer.model)
+    _, ref = trl_step(trainer, mbs)
+    assert_not_trivial(ref)
+    assert dict_rel_err(trainer_grad(model, model.lora, mbs, loss), ref) < TOL
+
+
+def test_advantages_with_unequal_groups_and_unscorable_rewards_equal_a_per_group_loop():
+    group = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 3])
+    rewards = torch.tensor([1.0, 2.0, 0.5, float("nan"), 4.0, -1.0, 3.0, 0.0, 7.0])
+    for scale in ("group", "batch", "none"):
+        got = trl_advantages(rewards, group, scale)
+        valid = ~rewards.isnan()
+        batch_std = rewards[valid].double().std()
+        for i in range(len(group)):
+            members = rewards[(group == group[i]) & valid].double()
+            if rewards[i].isnan():
+                expected = 0.0
+            else:
+                std = {"group": members.std() if len(members) > 1 else 0.0, "batch": batch_std, "none": None}[scale]
+                centred = float(rewards[i]) - float(members.mean())
+                expected = centred if std is None else centred / (float(std) + 1e-4)
+            assert abs(float(got[i]) - expected) < 1e-5 * max(1.0, abs(expected)), (scale, i)
+    assert float(trl_advantages(rewards, group, "group")[8]) == 0.0  # a group of one
+
+
+# --------------------------------------------------------------------- configuration and errors
+
+
+def test_from_config_reads_grpo_config_and_refuses_what_it_cannot_express():
+    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, loss_type="dr_grpo",
+                          max_completion_length=17, temperature=0.9, beta=0.1, epsilon_high=0.3,
+                          gradient_accumulation_steps=4, scale_rewards=False, num_iterations=3,
+                          per_device_train_batch_size=2, num_generations=2)  # fmt: skip
+    with pytest.warns(UserWarning, match="bf16=True"):  # GRPOConfig's default: TRL autocasts its loss
+        loss = TrainerLoss.from_config(args)
+    assert (loss.loss_type, loss.max_completion_length, loss.temperature, loss.beta) == ("dr_grpo", 17, 0.9, 0.1)
+    assert (loss.eps_low, loss.eps_high, loss.scale_rewards) == (0.2, 0.3, "none")
+    assert (loss.gradient_accumulation_steps, loss.spg, loss.num_iterations, loss.num_processes) == (4, 4, 3, 1)
+    for option, value in (("top_entropy_quantile", 0.5), ("entropy_coef", 0.01), ("off_policy_mask_threshold", 0.5)):
+        bad = SimpleNamespace(**{**vars(args), option: value})
+        with pytest.raises(ValueError, match=option):
+            TrainerLoss.from_config(bad)
+
+
+def test_bad_options_and_rows_raise_naming_the_item(tiny_fp32):
+    with pytest.raises(ValueError, match="loss_type='ppo'.*grpo"):
+        TrainerLoss(loss_type="ppo")
+    with pytest.raises(ValueError, match="temperature"):
+        TrainerLoss(temperature=0.0)
+    model = tiny_fp32
+    loss = TrainerLoss(loss_type="grpo", max_completion_length=6)
+    rows = loss.rows([[5, 6], [7]], [[8, 9, 10], [11]], [0, 0], advantages=[1.0, -1.0])
+    with pytest.raises(ValueError, match="needs ref_logps"):
+        trainer_loss(model, model.lora, rows, TrainerLoss(loss_type="grpo", beta=0.1))
+    with pytest.raises(ValueError, match="needs old_logps"):
+        trainer_loss(model, model.lora, rows, TrainerLoss(loss_type="grpo", num_iterations=2))
+    with pytest.raises(ValueError, match="max_completion_length=2"):
+        trainer_loss(model, model.lora, rows, TrainerLoss(loss_type="grpo", max_completion_length=2))
+    with pytest.raises(ValueError, match="row 1: the completion is empty"):
+        loss.rows([[5], [7]], [[8], []], [0, 0], advantages=[1.0, -1.0])
+    with pytest.raises(ValueError, match="advantages.*row 1"):
+        loss.rows([[5], [7]], [[8], [9]], [0, 0], advantages=[1.0, float("nan")])
+    with pytest.raises(ValueError, match="tool_mask"):
+        TrainerRows.from_inputs({**trl_inputs(rows), "tool_mask": rows.completion_mask}, [0, 0])
+    far = loss.rows([[5], [7]], [[8], [9999]], [0, 0], advantages=[1.0, -1.0])
+    with pytest.raises(ValueError, match="row 1: token id 9999"):
+        trainer_loss(model, model.lora, far, loss)
+    with pytest.raises(ValueError, match="num_groups"):
+        trainer_prompt_losses(model, model.lora, rows, loss, num_groups=0)
+
+
+def test_token_logps_equal_a_peft_forward_like_trls(tiny_fp32):
+    """Per-token log-probs equal the PEFT model's forward as TRL calls it (no position ids, so
+    transformers counts positions over the left-padded row), logits / τ, zero on masked tokens."""
+    from functional_probe.reference import peft_twin
+
+    model, tau = tiny_fp32, 0.6
+    rows = TrainerLoss().rows([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], [0, 1], advantages=[1.0, 1.0])
+    ours = trainer_token_logps(model, model.lora, rows.prompt_ids, rows.prompt_mask, rows.completion_ids,
+                               rows.completion_mask, temperature=tau)  # fmt: skip
+    ids = torch.cat([rows.prompt_ids, rows.completion_ids], 1)
+    mask = torch.cat([rows.prompt_mask, rows.completion_mask], 1).long()
+    with torch.no_grad():
+        logits = peft_twin(model)(input_ids=ids, attention_mask=mask).logits[:, 2:-1] / tau
+    ref = logits.log_softmax(-1).gather(-1, rows.completion_ids[..., None])[..., 0] * rows.completion_mask
+    assert ref[0, 2] == 0 and ref.abs().min() < ref.abs().max()
+    assert rel_err(ours, ref) < 1e-5
