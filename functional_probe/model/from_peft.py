@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..nf4 import NF4Linear
 from .functional import FunctionalModel
 from .layers import DenseLinear
-from .loading import LoraSpec, adapter_dtype, build_model, check_lora_config, resolve_dtype
+from .loading import LoraSpec, build_model, check_lora_config, resolve_dtype
 
 WRAPPER_ATTRIBUTES = ("module", "_orig_mod")  # DDP / FSDP-style wrappers; torch.compile
 
@@ -128,10 +128,7 @@ def from_peft(peft_model: nn.Module, *, dtype: torch.dtype | str | None = None) 
         bias = None if bias is None else bias.detach().to(dtype=dtype or weight.dtype, copy=True)
         return DenseLinear(weight.to(dtype=dtype or weight.dtype, copy=True), bias)
 
-    functional = build_model(
-        base.config, tensors, frozen_linear, lora,
-        dtype=dtype, lora_dtype=dtype and adapter_dtype(dtype), device=device,
-    )  # fmt: skip
+    functional = build_model(base.config, tensors, frozen_linear, lora, dtype=dtype, device=device)
     if repacked:
         names = ", ".join(p for p, _ in repacked[:3]) + (", ..." if len(repacked) > 3 else "")
         warnings.warn(

@@ -107,19 +107,21 @@ def build_model(
     lora: LoraSpec,
     *,
     dtype: torch.dtype | None = torch.float32,
-    lora_dtype: torch.dtype | None = torch.float32,
+    lora_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> FunctionalModel:
     """Assemble the decoder layer by layer.
 
     `tensors(name)` returns a checkpoint tensor by its HF name (None if absent); `frozen_linear`
     returns the frozen module (dense or NF4) for an HF module path; `lora` says which linears
-    carry LoRA factors. Embeddings, norms and head are copied in `dtype`, the LoRA factors in
-    `lora_dtype` (None: each keeps its own). Every LoRA factor must fit its linear, or
-    ValueError names it, before any layer is built.
+    carry LoRA factors. Embeddings, norms and head are copied in `dtype` (None: each keeps its
+    own), the LoRA factors in `lora_dtype` (None: `adapter_dtype(dtype)`, or their own when
+    dtype is None too). Every LoRA factor must fit its linear, or ValueError names it, before
+    any layer is built.
     """
     cfg = DecoderConfig.from_hf(hf_config)
     check_lora_fits(lora, cfg)
+    lora_dtype = lora_dtype or (dtype and adapter_dtype(dtype))
 
     def cast(t: Tensor | None, to: torch.dtype | None = dtype) -> Tensor | None:
         return None if t is None else t.detach().to(device=device, dtype=to or t.dtype, copy=True)
