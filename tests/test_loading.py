@@ -240,3 +240,20 @@ def test_tiny_state_dict_is_what_was_saved(saved_tiny, tiny_fp32):
     expected = tiny_state_dict(tiny_fp32.hf_config)
     got = hf.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_default_device_is_cuda_when_available_else_cpu(saved_tiny):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert fp.load_model(saved_tiny[0]).device.type == expected
+    assert fp.tiny_model(quantize=None).device.type == expected
+    model = fp.load_model(saved_tiny[0], device="cpu")
+    assert {t.device.type for t in [*model.buffers(), *model.lora.values()]} == {"cpu"}
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "torch.bfloat16", "bf16"])
+def test_dtype_by_name_gives_bf16_compute_and_fp32_lora(saved_tiny, name):
+    model = fp.load_model(saved_tiny[0], saved_tiny[1], dtype=name)
+    assert model.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in model.lora.values())
+    frozen = fp.load_model(saved_tiny[0], saved_tiny[1], dtype=name, autocast_adapter_dtype=False)
+    assert all(v.dtype == torch.bfloat16 for v in frozen.lora.values())
