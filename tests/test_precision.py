@@ -4,14 +4,17 @@ The bf16 references are transformers + PEFT with the same weights in bf16 and PE
 autocast_adapter_dtype (fp32 LoRA factors), run with torch.autograd; the ground truth is that
 PEFT model cast to float64.
 
-Tolerance (stated once, used for every quantity Q): bf16 keeps 8 mantissa bits (unit
-roundoff 2⁻⁹ ≈ 2e-3 per rounding), and two correct bf16 implementations that round in a
-different order differ by that noise, amplified through the layers and the backward. So the
-noise level is measured, not guessed: e_ref = rel_err(PEFT-bf16 Q, float64 Q). Ours must be as
-accurate as PEFT up to a factor 2, rel_err(ours Q, float64 Q) ≤ 2·e_ref (measured over seeds
-0–2: ratios 0.4–1.4), hence within 3·e_ref of PEFT-bf16 and within 4·e_ref of each other
-(triangle inequality). e_ref itself must be bf16-sized (1e-5 < e_ref < 5e-2; measured 6e-4
-for S, 8e-3–2e-2 for gradients and projections), so the bound is neither vacuous nor loose.
+Tolerance (stated once, used for every comparison): bf16 keeps 8 mantissa bits, unit
+roundoff u = 2⁻⁹ ≈ 2e-3 per rounding, and two correct bf16 implementations that round in a
+different order differ by that noise, amplified through the layers and the backward.
+Measured on this tiny model (seeds 0–4, dense and NF4 bases, 4 prompts × 3 responses),
+relative error against the float64 truth:
+  S:                            PEFT-bf16 4e-4–1e-3,  ours 4e-4–9e-4
+  μX, projections s (5 methods): PEFT-bf16 4e-3–2e-2,  ours 4e-3–2.4e-2 (pairwise ≤ 2.1e-2)
+So the bounds are TOL_S = 4e-3 (2u) and TOL_GRAD = 4e-2 (20u), about 1.7x the worst measured,
+applied alike to PEFT-bf16 (the reference must meet its own bound), to ours against the truth,
+to ours against PEFT-bf16 and between our methods. They are bf16-sized, not slack: the same
+comparisons in fp32 agree to 1e-5 (tests/test_alpha.py, test_grads.py).
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ def peft_quantities(peft_model, prompts, responses, advantages, direction):
     return {"S": torch.stack(S), "mu": mu, "s": proj}
 
 
-@pytest.fixture(scope="module")
-def bf16_case():
-    """A bf16 tiny model with fp32 LoRA, its PEFT twin in bf16, the float64 truth, a batch."""
-    model = fp.tiny_model(seed=0, quantize=None, dtype=BF16)
+@pytest.fixture(scope="module", params=[None, "nf4"], ids=["bf16", "nf4-bf16"])
+def bf16_case(request):
+    """A bf16 tiny model (dense, or NF4 with bf16 compute as in QLoRA) with fp32 LoRA, its PEFT
+    twin in bf16 (NF4 weights dequantized), the float64 truth, a batch and a direction."""
+    model = fp.tiny_model(seed=0, quantize=request.param, dtype=BF16)
     peft_bf16 = peft_twin(model)
     peft_64 = copy.deepcopy(peft_bf16).to(torch.float64)
     prompts, responses, adv = random_rollouts(4, 3, model.vocab_size, seed=0)
@@ -69,12 +73,14 @@ def bf16_case():
     return model, peft_bf16, batch, direction, ref, truth
 
 
-def check_bf16_bound(ours, ref, truth, err) -> None:
-    """The module docstring's rule: e_ref bf16-sized; ours ≤ 2·e_ref from the truth, ≤ 3·e_ref from PEFT."""
-    e_ref = err(ref, truth)
-    assert 1e-5 < e_ref < 5e-2, e_ref
-    assert err(ours, truth) <= 2 * e_ref, (err(ours, truth), e_ref)
-    assert err(ours, ref) <= 3 * e_ref, (err(ours, ref), e_ref)
+TOL_S, TOL_GRAD = 4e-3, 4e-2
+
+
+def check_bf16_bound(ours, ref, truth, err, tol) -> None:
+    """The module docstring's rule: PEFT-bf16 and ours within `tol` of the truth and of each other."""
+    errors = {"peft-vs-truth": err(ref, truth), "ours-vs-truth": err(ours, truth), "ours-vs-peft": err(ours, ref)}
+    assert max(errors.values()) <= tol, errors
+    assert errors["peft-vs-truth"] > 1e-5, errors  # the reference really ran in bf16
 
 
 def test_bf16_model_keeps_lora_in_fp32_as_peft_autocast_adapter_dtype(bf16_case):
@@ -82,7 +88,7 @@ def test_bf16_model_keeps_lora_in_fp32_as_peft_autocast_adapter_dtype(bf16_case)
     assert model.dtype == BF16 and all(v.dtype == torch.float32 for v in model.lora.values())
     trainable = {n: p.dtype for n, p in peft_bf16.named_parameters() if p.requires_grad}
     assert set(trainable.values()) == {torch.float32}  # PEFT's own choice, the reference
-    frozen = fp.tiny_model(seed=0, quantize=None, dtype=BF16, autocast_adapter_dtype=False)
+    frozen = fp.tiny_model(seed=0, quantize="nf4", dtype=BF16, autocast_adapter_dtype=False)
     assert all(v.dtype == BF16 for v in frozen.lora.values())
 
 
@@ -90,14 +96,14 @@ def test_bf16_sequence_logprobs_are_fp32_and_match_peft_bf16(bf16_case):
     model, _, batch, _, ref, truth = bf16_case
     S = fp.sequence_logprobs(model, model.lora, batch)
     assert S.dtype == torch.float32
-    check_bf16_bound(S, ref["S"], truth["S"], rel_err)
+    check_bf16_bound(S, ref["S"], truth["S"], rel_err, TOL_S)
 
 
 def test_bf16_mean_grad_is_fp32_and_matches_peft_bf16(bf16_case):
     model, _, batch, _, ref, truth = bf16_case
     mu = fp.mean_grad(model, model.lora, batch, loss="x")
     assert all(v.dtype == torch.float32 for v in mu.values())
-    check_bf16_bound(mu, ref["mu"], truth["mu"], dict_rel_err)
+    check_bf16_bound(mu, ref["mu"], truth["mu"], dict_rel_err, TOL_GRAD)
 
 
 @pytest.mark.parametrize("method", fp.METHODS)
@@ -105,15 +111,14 @@ def test_bf16_projections_match_peft_bf16(bf16_case, method):
     model, _, batch, direction, ref, truth = bf16_case
     s = fp.alpha_projections(model, model.lora, batch, direction, method=method)
     assert s.dtype == torch.float32 and torch.isfinite(s).all()
-    check_bf16_bound(s, ref["s"], truth["s"], proj_rel_err)
+    check_bf16_bound(s, ref["s"], truth["s"], proj_rel_err, TOL_GRAD)
 
 
 def test_bf16_methods_agree_with_each_other(bf16_case):
-    model, _, batch, direction, ref, truth = bf16_case
+    model, _, batch, direction, *_ = bf16_case
     s = {m: fp.alpha_projections(model, model.lora, batch, direction, method=m) for m in fp.METHODS}
-    e_ref = proj_rel_err(ref["s"], truth["s"])
     worst = max(proj_rel_err(s[a], s[b]) for a in s for b in s)
-    assert 0 < worst <= 4 * e_ref, (worst, e_ref)
+    assert 0 < worst <= TOL_GRAD, worst
 
 
 @pytest.mark.parametrize("method", fp.METHODS)
