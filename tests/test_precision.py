@@ -10,11 +10,13 @@ different order differ by that noise, amplified through the layers and the backw
 Measured on this tiny model (seeds 0–4, dense and NF4 bases, 4 prompts × 3 responses),
 relative error against the float64 truth:
   S:                            PEFT-bf16 4e-4–1e-3,  ours 4e-4–9e-4
-  μX, projections s (5 methods): PEFT-bf16 4e-3–2e-2,  ours 4e-3–2.4e-2 (pairwise ≤ 2.1e-2)
-So the bounds are TOL_S = 4e-3 (2u) and TOL_GRAD = 4e-2 (20u), about 1.7x the worst measured,
-applied alike to PEFT-bf16 (the reference must meet its own bound), to ours against the truth,
-to ours against PEFT-bf16 and between our methods. They are bf16-sized, not slack: the same
-comparisons in fp32 agree to 1e-5 (tests/test_alpha.py, test_grads.py).
+  μX, projections s (5 methods): PEFT-bf16 4e-3–3.0e-2, ours 4e-3–2.5e-2
+and between two bf16 implementations (ours vs PEFT-bf16, or two of our methods) ≤ 3.4e-2.
+So each implementation must lie within TOL of the truth, TOL_S = 4e-3 (2u) and TOL_GRAD =
+5e-2 (25u), about 1.7x the worst measured single error; two implementations then differ by at
+most 2·TOL (triangle inequality), the bound used between them. The reference must meet its
+own bound too. They are bf16-sized, not slack: the same comparisons in fp32 agree to 1e-5
+(tests/test_alpha.py, test_grads.py).
 """
 
 from __future__ import annotations
@@ -73,13 +75,14 @@ def bf16_case(request):
     return model, peft_bf16, batch, direction, ref, truth
 
 
-TOL_S, TOL_GRAD = 4e-3, 4e-2
+TOL_S, TOL_GRAD = 4e-3, 5e-2
 
 
 def check_bf16_bound(ours, ref, truth, err, tol) -> None:
-    """The module docstring's rule: PEFT-bf16 and ours within `tol` of the truth and of each other."""
+    """The module docstring's rule: PEFT-bf16 and ours within `tol` of the truth, 2·tol of each other."""
     errors = {"peft-vs-truth": err(ref, truth), "ours-vs-truth": err(ours, truth), "ours-vs-peft": err(ours, ref)}
-    assert max(errors.values()) <= tol, errors
+    assert max(errors["peft-vs-truth"], errors["ours-vs-truth"]) <= tol, errors
+    assert errors["ours-vs-peft"] <= 2 * tol, errors
     assert errors["peft-vs-truth"] > 1e-5, errors  # the reference really ran in bf16
 
 
@@ -118,7 +121,7 @@ def test_bf16_methods_agree_with_each_other(bf16_case):
     model, _, batch, direction, *_ = bf16_case
     s = {m: fp.alpha_projections(model, model.lora, batch, direction, method=m) for m in fp.METHODS}
     worst = max(proj_rel_err(s[a], s[b]) for a in s for b in s)
-    assert 0 < worst <= TOL_GRAD, worst
+    assert 0 < worst <= 2 * TOL_GRAD, worst
 
 
 @pytest.mark.parametrize("method", fp.METHODS)
