@@ -70,8 +70,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         device = torch.device(device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, TypeError) as e:
+        reason = str(e).splitlines()[0].split(". ")[0][:160]  # torch's first sentence
         raise ValueError(
-            f"device={str(device)!r} cannot be used here ({str(e).splitlines()[0]}); expected "
+            f"device={str(device)!r} cannot be used here ({reason}); expected "
             "e.g. 'cpu', 'cuda', 'cuda:1', or None for CUDA when available"
         ) from e
     return device
