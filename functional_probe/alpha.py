@@ -45,10 +45,16 @@ from .stats import Moments, moments
 METHODS = ("vjp", "jvp", "func_jvp", "vmap", "loop")
 
 
-def check_direction(lora: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> None:
-    """A direction must have exactly the LoRA dict's keys and shapes; ValueError names the first mismatch."""
+def check_direction(lora: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The direction cast to the LoRA dict's (dtype, device) per key; it may have any float dtype
+    and device. It must have exactly the LoRA dict's keys and shapes: ValueError names the first
+    mismatch, or the first non-floating tensor."""
     shapes = {k: v.shape for k, v in lora.items()}
     check_same_keys_and_shapes(shapes, direction, what="direction", owner="the LoRA dict")
+    bad = next((k for k, v in direction.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise ValueError(f"direction[{bad!r}] has dtype {direction[bad].dtype}; expected a float dtype")
+    return {k: direction[k].to(device=v.device, dtype=v.dtype) for k, v in lora.items()}
 
 
 def alpha_projections(
@@ -65,14 +71,15 @@ def alpha_projections(
 ) -> Tensor:
     """s [N] with s_n = <∇θ L[n], direction>, L the per-prompt X or Y loss (weighting: X only).
 
-    Float dtype of the losses (≥ fp32). `microbatch` bounds the prompts per pass (for "vmap",
-    the vmap chunk size).
+    Float dtype of the losses (≥ fp32). `direction` may have any float dtype and device: it is
+    cast to the LoRA dict's (dtype, device) per key. `microbatch` bounds the prompts per pass
+    (for "vmap", the vmap chunk size).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}; expected one of {METHODS}")
     check_loss_args(loss, weighting)
     model.check_lora(lora)
-    check_direction(lora, direction)
+    direction = check_direction(lora, direction)
     temperature = check_temperature(temperature)
     kw = dict(loss=loss, weighting=weighting, temperature=temperature)
     if method == "vmap":

@@ -154,7 +154,9 @@ class NF4Linear(torch.nn.Module):
       ``nested_absmax`` [ceil(n/64/256)] float32, ``nested_code`` [256] float32,
       ``offset`` [] float32 (mean absmax), ``code`` [16] float32 (the NF4 values),
       ``bias`` [out] in the compute dtype, or None.
-    forward: x [..., in] -> [..., out] in ``compute_dtype``.
+    forward: x [..., in] -> [..., out] in x's dtype, computed in ``compute_dtype``.
+    W is dequantized in ``quant_dtype``, the dtype the weight was quantized in (what
+    bitsandbytes' quant state records), then cast to the compute dtype.
     """
 
     in_features: int
@@ -193,7 +195,8 @@ class NF4Linear(torch.nn.Module):
     ) -> NF4Linear:
         """Quantize W [out, in] as bnb's ``quantize_4bit(W, 64, nf4, compress_statistics=True)``.
 
-        W in float32/bfloat16/float16 is quantized as is (other dtypes via float32).
+        W in float32/bfloat16/float16 is quantized as is, so the quant state's dtype is W's
+        (other dtypes via float32): cast W to the requested dtype first, as transformers does.
         """
         w = weight.detach()
         if w.dim() != 2:
@@ -326,14 +329,15 @@ class NF4Linear(torch.nn.Module):
         return _dequantize(*self._quant(), shape, self.quant_dtype).to(self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """y = x Wᵀ + b: x [..., in] -> [..., out] in the compute dtype."""
+        """y = x Wᵀ + b: x [..., in] -> [..., out] in x's dtype, computed in the compute dtype
+        (as bitsandbytes' Linear4bit: input cast to compute_dtype, result cast back)."""
         y = nf4_linear(
             x.to(self.compute_dtype),
             *self._quant(),
             shape=(self.out_features, self.in_features),
             quant_dtype=self.quant_dtype,
         )
-        return y if self.bias is None else y + self.bias
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -87,7 +87,7 @@ def test_dual_hidden_states_equal_jvp(name, dtype):
 def test_bf16_dual_is_as_close_to_float64_as_bf16_jvp(quantize):
     model = fp.tiny_model(quantize=quantize, dtype=torch.bfloat16)
     exact = fp.tiny_model(quantize=quantize, dtype=torch.float64)
-    lora, direction = model.lora, cast(random_direction(model.lora, seed=1), torch.bfloat16)
+    lora, direction = model.lora, random_direction(model.lora, seed=1)  # fp32, as the LoRA
     ids, mask = inputs(model.vocab_size)
     _, h_dot = dual_hidden_states(model, lora, direction, ids, mask)
     _, jvp_dot = torch.func.jvp(lambda lo: model.hidden_states(lo, ids, mask), (lora,), (direction,))

@@ -404,3 +404,72 @@ def test_lora_dropout_is_ignored_and_matches_peft_eval(base_dir):
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
     assert_matches(first, peft_reference(peft_model.eval(), ids, mask, targets), mask)
+
+
+# ---------------------------------------------------------------------------- dtypes
+
+
+def bf16_peft(base_dir, autocast_adapter_dtype: bool = True):
+    """The saved tiny base in bf16 with a random PEFT LoRA (fp32 factors under PEFT's autocast)."""
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    config = LoraConfig(**FP32_LORA)
+    return get_peft_model(hf, config, autocast_adapter_dtype=autocast_adapter_dtype).eval()
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["fp32-lora", "bf16-lora"])
+def test_default_keeps_the_peft_models_dtypes_and_equals_its_bf16_forward(base_dir, autocast):
+    peft_model = bf16_peft(base_dir, autocast)
+    lora_dtype = torch.float32 if autocast else torch.bfloat16
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {lora_dtype}  # what PEFT did
+    model = fp.from_peft(peft_model)
+    assert model.dtype == torch.bfloat16
+    assert all(v.dtype == lora_dtype for v in model.lora.values())
+    assert all(torch.equal(model.lora[k], p.detach()) for k, p in trainable.items())
+    ids, mask, _ = inputs(model.vocab_size)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
+    logits = model(model.lora, ids, mask)
+    assert logits.dtype == torch.bfloat16
+    # the same bf16 ops in the same order as transformers + PEFT (measured: bit-identical)
+    assert rel_err(logits[mask], ref[mask]) <= 1e-5
+
+
+def test_explicit_dtype_casts_frozen_tensors_and_keeps_lora_fp32_for_bf16(base_dir):
+    peft_model = fp32_peft(base_dir).eval()
+    model = fp.from_peft(peft_model, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in model.lora.values())
+    up = fp.from_peft(bf16_peft(base_dir), dtype=torch.float64)
+    assert up.dtype == torch.float64 and all(v.dtype == torch.float64 for v in up.lora.values())
+    with pytest.raises(ValueError, match="dtype=torch.int8; expected a floating dtype"):
+        fp.from_peft(peft_model, dtype=torch.int8)
+
+
+def test_qlora_bf16_keeps_bf16_compute_and_fp32_lora_and_matches_bnb_peft(base_dir):
+    """QLoRA as trained: bf16 model, NF4 base with bnb_4bit_compute_dtype=bf16, fp32 LoRA.
+
+    Reference: the PEFT + bitsandbytes model itself in train mode under torch.autograd. bnb 0.50
+    computes its forward with a fused gemm_4bit kernel whose bf16 rounding differs from
+    F.linear on the same dequantized weight (measured 2.7e-3 relative on one 64x128 layer), so
+    the bound is bf16-sized: measured 1.0e-2 on logits and 2.2e-2 on the LoRA gradients over 2
+    layers; bounds 2e-2 and 5e-2 (the bf16 gradient bound of tests/test_precision.py).
+    """
+    hf = AutoModelForCausalLM.from_pretrained(
+        base_dir, attn_implementation="eager", device_map="cpu", dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(**(BNB_CONFIG | {"bnb_4bit_compute_dtype": torch.bfloat16})),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    peft_model = get_peft_model(hf, LoraConfig(**NF4_LORA))
+    model = fp.from_peft(peft_model)  # before any eval-mode forward: no CPU repack
+    assert model.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in model.lora.values())
+    assert {m.compute_dtype for m in nf4_layers(model).values()} == {torch.bfloat16}
+    ids, mask, targets = inputs(model.vocab_size)
+    ref_logits, ref_grads = peft_reference(peft_model.train(), ids, mask, targets)
+    logits, grads = functional_result(model, ids, mask, targets)
+    assert_not_trivial(ref_grads)
+    assert rel_err(logits[mask], ref_logits[mask]) <= 2e-2
+    assert dict_rel_err(grads, ref_grads) <= 5e-2

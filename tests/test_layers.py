@@ -58,3 +58,25 @@ def test_lora_linear_rejects_factors_that_do_not_fit():
         assert "do not fit" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_lora_linear_on_bf16_base_with_fp32_factors_equals_peft_autocast_adapter_dtype():
+    """PEFT 0.21 lora.Linear.forward: x cast to the adapter dtype, sum cast back to the base's."""
+    base = torch.nn.Sequential(torch.nn.Linear(24, 40)).to(torch.bfloat16)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=12, target_modules=["0"], init_lora_weights=False)
+    )  # autocast_adapter_dtype=True: fp32 factors on the bf16 base
+    layer = peft_model.base_model.model[0]
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    assert a.dtype == b.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    ours = LoRALinear(
+        DenseLinear(layer.base_layer.weight.detach(), layer.base_layer.bias.detach()),
+        a, b, layer.scaling["default"],
+    )  # fmt: skip
+    x = torch.randn(3, 24, generator=GEN).to(torch.bfloat16)
+    y = ours(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, layer(x))
+    # the low-rank path really is in fp32: rounding the factors to bf16 changes the output
+    low = LoRALinear(ours.base, a.bfloat16(), b.bfloat16(), ours.scaling)
+    assert not torch.equal(low(x), y)

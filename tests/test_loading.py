@@ -114,14 +114,100 @@ def test_float64_model_computes_in_float64(saved_tiny):
     assert all(v.dtype == torch.float64 for v in model.lora.values())
 
 
-def test_missing_directory_raises(tmp_path):
-    with pytest.raises(ValueError, match="no config.json"):
+def other_adapter(tmp_path, name: str, base_name: str | None, **config):
+    """A PEFT adapter saved from a random Qwen2 of another shape, claiming `base_name`."""
+    from transformers import Qwen2Config
+
+    cfg = dict(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2) | config  # fmt: skip
+    hf = AutoModelForCausalLM.from_config(Qwen2Config(**cfg))
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / name)
+    path = tmp_path / name / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"base_model_name_or_path": base_name}))
+    return tmp_path / name
+
+
+def test_adapter_for_another_base_names_module_and_the_model_it_was_made_for(saved_tiny, tmp_path):
+    adapter = other_adapter(tmp_path, "other", "someone/Other-48")
+    with pytest.raises(ValueError) as err:
+        fp.load_model(saved_tiny[0], adapter)
+    msg = str(err.value)
+    assert "'model.layers.0.self_attn.q_proj'" in msg and "base_model_name_or_path='someone/Other-48'" in msg
+    assert "lora_A (4, 48)" in msg and "[out=64, in=64]" in msg and "made for another model" in msg
+
+
+def test_adapter_with_more_layers_than_the_base_says_made_for_another_model(saved_tiny, tmp_path):
+    adapter = other_adapter(tmp_path, "deeper", None, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=3)  # fmt: skip
+    with pytest.raises(ValueError, match=r"'model\.layers\.2\..*this base has 2 layers.*another model"):
+        fp.load_model(saved_tiny[0], adapter)
+
+
+def test_adapter_mismatch_is_refused_before_any_checkpoint_tensor_is_read(saved_tiny, tmp_path, monkeypatch):
+    from functional_probe.model import loading
+
+    def reader(base_dir):
+        def read(name):
+            raise AssertionError(f"read {name} before the adapter check")
+
+        return read
+
+    monkeypatch.setattr(loading, "checkpoint_reader", reader)
+    with pytest.raises(ValueError, match="made for another model"):
+        fp.load_model(saved_tiny[0], other_adapter(tmp_path, "other", "x/y"))
+
+
+def test_typo_in_base_path_says_no_such_directory(tmp_path):
+    with pytest.raises(ValueError, match=r"base model directory '.*nowhere': no such directory"):
         fp.load_model(tmp_path / "nowhere")
 
 
-def test_missing_adapter_raises(saved_tiny, tmp_path):
+def test_directory_without_config_json_says_not_a_model_directory(tmp_path):
+    with pytest.raises(ValueError, match="no config.json: not a Hugging Face model directory"):
+        fp.load_model(tmp_path)
+
+
+def test_typo_in_adapter_path_says_no_such_directory(saved_tiny):
+    typo = saved_tiny[1].parent / "adaptr"
+    with pytest.raises(ValueError, match=r"adapter directory '.*adaptr': no such directory"):
+        fp.load_model(saved_tiny[0], typo)
+
+
+def test_adapter_path_that_is_a_file_says_so(saved_tiny):
+    with pytest.raises(ValueError, match="is a file; expected a directory"):
+        fp.load_model(saved_tiny[0], saved_tiny[1] / "adapter_config.json")
+
+
+def test_missing_adapter_config_raises(saved_tiny, tmp_path):
     with pytest.raises(ValueError, match="no adapter_config.json"):
         fp.load_model(saved_tiny[0], tmp_path)
+
+
+def test_corrupt_adapter_config_names_the_file(saved_tiny, tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"adapter_config.json is not a valid PEFT adapter config"):
+        fp.load_model(saved_tiny[0], tmp_path)
+
+
+def test_adapter_without_weights_names_the_expected_file(saved_tiny, tmp_path):
+    (tmp_path / "adapter_config.json").write_bytes((saved_tiny[1] / "adapter_config.json").read_bytes())
+    with pytest.raises(ValueError, match="no adapter_model.safetensors or adapter_model.bin"):
+        fp.load_model(saved_tiny[0], tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": torch.int64}, r"dtype=torch\.int64; expected a floating dtype"),
+        ({"dtype": "bf17"}, r"dtype='bf17'; expected a floating dtype \(float32, bfloat16"),
+        ({"device": "cdua"}, r"device='cdua' cannot be used here"),
+        ({"quantize": "nf8"}, r"quantize='nf8'; expected one of"),
+    ],
+)
+def test_bad_dtype_device_or_quantize_names_it_and_the_choices(saved_tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fp.load_model(saved_tiny[0], **kwargs)
 
 
 def test_unsupported_architecture_names_it(tmp_path):
@@ -154,3 +240,20 @@ def test_tiny_state_dict_is_what_was_saved(saved_tiny, tiny_fp32):
     expected = tiny_state_dict(tiny_fp32.hf_config)
     got = hf.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_default_device_is_cuda_when_available_else_cpu(saved_tiny):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert fp.load_model(saved_tiny[0]).device.type == expected
+    assert fp.tiny_model(quantize=None).device.type == expected
+    model = fp.load_model(saved_tiny[0], device="cpu")
+    assert {t.device.type for t in [*model.buffers(), *model.lora.values()]} == {"cpu"}
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "torch.bfloat16", "bf16"])
+def test_dtype_by_name_gives_bf16_compute_and_fp32_lora(saved_tiny, name):
+    model = fp.load_model(saved_tiny[0], saved_tiny[1], dtype=name)
+    assert model.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in model.lora.values())
+    frozen = fp.load_model(saved_tiny[0], saved_tiny[1], dtype=name, autocast_adapter_dtype=False)
+    assert all(v.dtype == torch.bfloat16 for v in frozen.lora.values())

@@ -379,3 +379,17 @@ def test_forward_over_reverse_hvp_matches_dense_twin(dtype):
 
     (hp, hx), (rp, rx) = hvp(nf4), hvp(dense)
     assert rel_err(hp, rp) < TOL[dtype] and rel_err(hx, rx) < TOL[dtype]
+
+
+def test_output_in_input_dtype_computed_in_compute_dtype_as_bitsandbytes():
+    """bnb's Linear4bit casts x to its compute_dtype and the result back to x's dtype."""
+    g = torch.Generator().manual_seed(14)
+    w, b = torch.randn(48, 128, generator=g), torch.randn(48, generator=g)
+    layer = make_bnb_layer(w, b)  # compute_dtype float32, training mode: no CPU repack
+    m = NF4Linear.from_bnb(layer, compute_dtype=torch.float32)
+    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    y = m(x)
+    ref = layer(x)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x.float(), m.dequantized_weight(), b).to(torch.bfloat16))
+    assert torch.equal(y, ref)

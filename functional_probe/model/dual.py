@@ -86,7 +86,12 @@ def merge_linears(
     lora: Mapping[str, Tensor], direction: Mapping[str, Tensor], fused: bool = True,
 ) -> DualLinear:  # fmt: skip
     """DualLinear of projections `modules` (internal names `names`, e.g. 'layers.0.self_attn.q_proj');
-    `keys` maps internal LoRA names to the PEFT keys of `lora`/`direction`. NF4 is dequantized here."""
+    `keys` maps internal LoRA names to the PEFT keys of `lora`/`direction`. NF4 is dequantized here.
+
+    Mixed precision (fp32 LoRA on a bf16 base): W + s·B A is formed in the promoted dtype and
+    rounded once to the frozen weight's dtype; the direction is cast to the LoRA factor's dtype
+    and device, and the low-rank tangent factors to the frozen weight's dtype, which is the
+    compute dtype of the pairs [x; ẋ]."""
     weights, biases, downs, ups, k = [], [], [], [], 0
     for module, name in zip(modules, names, strict=True):
         base = module.base if isinstance(module, LoRALinear) else module
@@ -94,11 +99,12 @@ def merge_linears(
         ups.append(None)
         if isinstance(module, LoRALinear):
             a, b = lora[keys[f"{name}.lora_A"]], lora[keys[f"{name}.lora_B"]]
-            a_dot, b_dot = direction[keys[f"{name}.lora_A"]], direction[keys[f"{name}.lora_B"]]
+            a_dot, b_dot = direction[keys[f"{name}.lora_A"]].to(a), direction[keys[f"{name}.lora_B"]].to(b)
             s = module.scaling
-            w = w + s * (b @ a)
-            downs.append(torch.cat([a_dot, a]))  # [2r, in]
-            ups[-1] = (slice(k, k + 2 * a.shape[0]), torch.cat([s * b, s * b_dot], dim=1))  # [out, 2r]
+            w = (w + s * (b @ a)).to(w.dtype)
+            downs.append(torch.cat([a_dot, a]).to(w.dtype))  # [2r, in]
+            up = torch.cat([s * b, s * b_dot], dim=1).to(w.dtype)  # [out, 2r]
+            ups[-1] = (slice(k, k + 2 * a.shape[0]), up)
             k += 2 * a.shape[0]
         weights.append(w)
         biases.append(base.bias)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..nf4 import NF4Linear
 from .functional import FunctionalModel
 from .layers import DenseLinear
-from .loading import LoraSpec, build_model, check_lora_config
+from .loading import LoraSpec, build_model, check_lora_config, resolve_dtype
 
 WRAPPER_ATTRIBUTES = ("module", "_orig_mod")  # DDP / FSDP-style wrappers; torch.compile
 
@@ -69,15 +69,23 @@ def lora_layers(base: nn.Module, adapter: str) -> LoraSpec:
     return LoraSpec(adapter, factors)
 
 
-def from_peft(peft_model: nn.Module, *, dtype: torch.dtype = torch.float32) -> FunctionalModel:
+def from_peft(peft_model: nn.Module, *, dtype: torch.dtype | str | None = None) -> FunctionalModel:
     """A FunctionalModel with the same weights as `peft_model` and keys of its LoRA parameters.
 
     `bitsandbytes.nn.Linear4bit` base layers (NF4, double quantization) become `NF4Linear`
-    holding the same packed bytes; other linears are copied dense in `dtype`, the compute dtype.
+    holding the same packed bytes; other linears are copied dense.
+
+    `dtype=None` (default) keeps the PeftModel's dtypes: frozen tensors as stored (the compute
+    dtype is the embeddings' dtype), LoRA factors as stored (fp32 on a bf16 base when PEFT's
+    autocast_adapter_dtype was on), each 4-bit layer computing in its own compute_dtype. A
+    dtype (or its name) casts the frozen tensors and the 4-bit compute to it, and the LoRA
+    factors to it as well, except fp32 for bf16/fp16 (PEFT's autocast_adapter_dtype).
+    Everything stays on the LoRA factors' device.
     """
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
+    dtype = None if dtype is None else resolve_dtype(dtype)
     model = unwrap_peft(peft_model)
     adapter = model.active_adapter
     if not isinstance(adapter, str):
@@ -106,7 +114,8 @@ def from_peft(peft_model: nn.Module, *, dtype: torch.dtype = torch.float32) -> F
         if isinstance(layer, LoraLayer):
             layer = layer.get_base_layer()
         if isinstance(layer, bnb.nn.Linear4bit):
-            return nf4_from_bnb(path, layer, dtype, repacked)
+            compute = dtype or layer.compute_dtype or named["model.embed_tokens.weight"].dtype
+            return nf4_from_bnb(path, layer, compute, repacked)
         # bnb's Linear8bitLt (and other quantized layers) subclass nn.Linear: their integer
         # weights cast to floats without their scales would be silently wrong.
         if not isinstance(layer, nn.Linear) or not layer.weight.is_floating_point():
@@ -115,8 +124,9 @@ def from_peft(peft_model: nn.Module, *, dtype: torch.dtype = torch.float32) -> F
                 "is not supported; supported bases are full precision (nn.Linear) and "
                 "bitsandbytes 4-bit NF4 (Linear4bit)"
             )
-        bias = None if layer.bias is None else layer.bias.detach().to(dtype=dtype, copy=True)
-        return DenseLinear(layer.weight.detach().to(dtype=dtype, copy=True), bias)
+        weight, bias = layer.weight.detach(), layer.bias
+        bias = None if bias is None else bias.detach().to(dtype=dtype or weight.dtype, copy=True)
+        return DenseLinear(weight.to(dtype=dtype or weight.dtype, copy=True), bias)
 
     functional = build_model(base.config, tensors, frozen_linear, lora, dtype=dtype, device=device)
     if repacked:

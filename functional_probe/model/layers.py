@@ -35,6 +35,11 @@ class LoRALinear(nn.Module):
     deliberately absent: the probe measures the model, not a noisy copy (and vmap refuses
     randomness). The low-rank path is kept unmerged so reverse mode produces [r, in] and
     [out, r] gradients, never a full [out, in] one.
+
+    Mixed precision as PEFT 0.21's `lora.Linear.forward` (autocast_adapter_dtype): the factors
+    may have another dtype than the base (fp32 LoRA on a bf16 base); x is cast to the factors'
+    dtype for the low-rank path, the sum is formed in the promoted dtype and cast back to the
+    base output's dtype.
     """
 
     def __init__(self, base: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
@@ -53,7 +58,10 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        """x [..., in] -> [..., out] in the base's output dtype."""
+        result = self.base(x)
+        low_rank = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return (result + low_rank * self.scaling).to(result.dtype)
 
 
 class RMSNorm(nn.Module):

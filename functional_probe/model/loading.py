@@ -27,15 +27,55 @@ from .layers import DenseLinear, LoRALinear, RMSNorm
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 QUANTIZE_CHOICES = (None, "nf4")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+_LAYER_PATH = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(self_attn|mlp)\.(?P<proj>\w+)$")
 
 
 @dataclass(frozen=True)
 class LoraSpec:
     """LoRA factors keyed by the module path in the HF model ('model.layers.0.self_attn.q_proj'):
-    (A [r, in], B [out, r], scaling)."""
+    (A [r, in], B [out, r], scaling). `source` names where they come from and the model they
+    were made for (adapter_config.json's base_model_name_or_path), for error messages."""
 
     adapter_name: str
     factors: dict[str, tuple[Tensor, Tensor, float]]
+    source: str = "the LoRA"
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name ('bfloat16', 'torch.float32', 'bf16')."""
+    if isinstance(dtype, str):
+        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}.get(
+            dtype.removeprefix("torch."), dtype.removeprefix("torch.")
+        )
+        dtype = getattr(torch, name, dtype)
+    if dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise ValueError(f"dtype={dtype!r}; expected a floating dtype ({names}) or its name")
+    return dtype
+
+
+def adapter_dtype(dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The LoRA factors' dtype for a compute dtype: PEFT's `autocast_adapter_dtype=True` keeps
+    adapters of a bf16/fp16 base in fp32 (and any other dtype as is)."""
+    return torch.float32 if autocast_adapter_dtype and dtype in HALF_DTYPES else dtype
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> CUDA when available, else CPU; otherwise a device that torch can allocate on."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:
+        reason = str(e).splitlines()[0].split(". ")[0][:160]  # torch's first sentence
+        raise ValueError(
+            f"device={str(device)!r} cannot be used here ({reason}); expected "
+            "e.g. 'cpu', 'cuda', 'cuda:1', or None for CUDA when available"
+        ) from e
+    return device
 
 
 def module_path(layer: int, projection: str) -> str:
@@ -67,20 +107,25 @@ def build_model(
     frozen_linear: Callable[[str], nn.Module],
     lora: LoraSpec,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
+    lora_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> FunctionalModel:
     """Assemble the decoder layer by layer.
 
     `tensors(name)` returns a checkpoint tensor by its HF name (None if absent); `frozen_linear`
     returns the frozen module (dense or NF4) for an HF module path; `lora` says which linears
-    carry LoRA factors. Every LoRA factor must find its linear, or ValueError names it.
+    carry LoRA factors. Embeddings, norms and head are copied in `dtype` (None: each keeps its
+    own), the LoRA factors in `lora_dtype` (None: `adapter_dtype(dtype)`, or their own when
+    dtype is None too). Every LoRA factor must fit its linear, or ValueError names it, before
+    any layer is built.
     """
     cfg = DecoderConfig.from_hf(hf_config)
-    unused = set(lora.factors)
+    check_lora_fits(lora, cfg)
+    lora_dtype = lora_dtype or (dtype and adapter_dtype(dtype))
 
-    def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(device=device, dtype=dtype, copy=True)
+    def cast(t: Tensor | None, to: torch.dtype | None = dtype) -> Tensor | None:
+        return None if t is None else t.detach().to(device=device, dtype=to or t.dtype, copy=True)
 
     def norm(name: str) -> RMSNorm:
         return RMSNorm(cast(required(tensors, name)), cfg.rms_norm_eps)
@@ -93,8 +138,7 @@ def build_model(
             linears[proj] = frozen_linear(path)
             if path in lora.factors:
                 a, b, scaling = lora.factors[path]
-                linears[proj] = LoRALinear(linears[proj], cast(a), cast(b), scaling)
-                unused.discard(path)
+                linears[proj] = LoRALinear(linears[proj], cast(a, lora_dtype), cast(b, lora_dtype), scaling)
         qk = {}
         if cfg.qk_norm:
             qk = {k: norm(f"model.layers.{i}.self_attn.{k}.weight") for k in ("q_norm", "k_norm")}
@@ -106,11 +150,6 @@ def build_model(
                 norm(f"model.layers.{i}.post_attention_layernorm.weight"),
             )
         )
-    if unused:
-        raise ValueError(
-            f"LoRA targets module {sorted(unused)[0]!r}, which is not one of the decoder's "
-            f"projections {PROJECTIONS}; adapters on embeddings or the head are not supported"
-        )
     embed = cast(required(tensors, "model.embed_tokens.weight"))
     head = embed if cfg.tie_word_embeddings else cast(required(tensors, "lm_head.weight"))
     inv_freq, attention_scaling = rope_inv_freq(hf_config)
@@ -119,6 +158,37 @@ def build_model(
         cfg, embed, blocks, norm("model.norm.weight"), head, inv_freq, attention_scaling
     )
     return FunctionalModel(decoder, lora.adapter_name, hf_config)
+
+
+def check_lora_fits(lora: LoraSpec, cfg: DecoderConfig) -> None:
+    """ValueError naming the first LoRA module that is not a projection of this decoder, or
+    whose factors do not fit its [out, in] (an adapter made for another model)."""
+    shapes = linear_shapes(cfg)
+    for path, (a, b, _) in lora.factors.items():
+        m = _LAYER_PATH.match(path)
+        if m is None or m["proj"] not in PROJECTIONS or module_path(int(m["layer"]), m["proj"]) != path:
+            raise ValueError(
+                f"{lora.source} targets module {path!r}, which is not one of the decoder's "
+                f"projections {PROJECTIONS}; adapters on embeddings or the head are not supported"
+            )
+        if int(m["layer"]) >= cfg.num_layers:
+            raise ValueError(
+                f"{lora.source} targets {path!r}, but this base has {cfg.num_layers} layers: the "
+                "adapter was made for another model"
+            )
+        out_f, in_f = shapes[m["proj"]]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f:
+            raise ValueError(
+                f"{lora.source} does not fit this base at {path!r}: lora_A {tuple(a.shape)}, "
+                f"lora_B {tuple(b.shape)}, where this base's linear is [out={out_f}, in={in_f}] "
+                f"(expected lora_A (r, {in_f}), lora_B ({out_f}, r)): the adapter was made for "
+                "another model"
+            )
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{lora.source}: {path!r} has lora_A of rank {a.shape[0]} and lora_B of rank "
+                f"{b.shape[1]}; expected equal ranks"
+            )
 
 
 def required(tensors: Callable[[str], Tensor | None], name: str) -> Tensor:
@@ -159,15 +229,19 @@ def dense_or_nf4(
     dtype: torch.dtype,
     device: str | torch.device,
 ) -> Callable[[str], nn.Module]:
-    """Frozen-linear factory over a checkpoint: reads W (and b) and keeps them dense or NF4."""
+    """Frozen-linear factory over a checkpoint: reads W (and b) and keeps them dense or NF4.
+
+    W is cast to `dtype` first, so NF4 is quantized in the requested dtype, as transformers +
+    bitsandbytes do (a bf16 checkpoint loaded with dtype=float32 gets a float32 quant state).
+    """
 
     def make(path: str) -> nn.Module:
-        weight = required(tensors, f"{path}.weight").to(device)
+        weight = required(tensors, f"{path}.weight").to(device=device, dtype=dtype)
         bias = tensors(f"{path}.bias")
         bias = None if bias is None else bias.to(device=device, dtype=dtype)
         if quantize == "nf4":
             return NF4Linear.from_weight(weight, bias, compute_dtype=dtype)
-        return DenseLinear(weight.to(dtype), bias)
+        return DenseLinear(weight, bias)
 
     return make
 
@@ -224,10 +298,24 @@ def read_adapter(adapter_dir: Path) -> LoraSpec:
     from peft.utils import load_peft_weights
     from peft.utils.other import get_pattern_key
 
-    if not (adapter_dir / "adapter_config.json").is_file():
+    require_directory(adapter_dir, "adapter directory")
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
         raise ValueError(f"{adapter_dir} has no adapter_config.json: not a PEFT adapter directory")
-    config = PeftConfig.from_pretrained(str(adapter_dir))
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config_file} is not a valid PEFT adapter config: {e}") from e
     check_lora_config(config, str(adapter_dir))
+    if not any((adapter_dir / f).is_file() for f in ADAPTER_WEIGHT_FILES):
+        raise ValueError(
+            f"{adapter_dir} has adapter_config.json but no {' or '.join(ADAPTER_WEIGHT_FILES)}"
+        )
+    made_for = config.base_model_name_or_path
+    source = f"adapter {str(adapter_dir)!r} (" + (
+        f"made for base_model_name_or_path={made_for!r})" if made_for
+        else "its adapter_config.json names no base_model_name_or_path)"
+    )  # fmt: skip
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, tensor in load_peft_weights(str(adapter_dir), device="cpu").items():
         m = _ADAPTER_KEY.match(key)
@@ -248,7 +336,18 @@ def read_adapter(adapter_dir: Path) -> LoraSpec:
         factors[path] = (ab["A"], ab["B"], scaling)
     if not factors:
         raise ValueError(f"adapter in {adapter_dir} holds no LoRA tensors")
-    return LoraSpec("default", factors)
+    return LoraSpec("default", factors, source)
+
+
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def require_directory(path: Path, what: str) -> None:
+    """ValueError when `path` does not exist ("no such directory") or is not a directory."""
+    if not path.exists():
+        raise ValueError(f"{what} {str(path)!r}: no such directory")
+    if not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a file; expected a directory")
 
 
 def check_lora_config(config, where: str) -> None:
@@ -272,8 +371,9 @@ def load_model(
     adapter_dir: str | Path | None = None,
     *,
     quantize: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    autocast_adapter_dtype: bool = True,
     r: int = 8,
     lora_alpha: float = 16.0,
     target_modules: Sequence[str] = PROJECTIONS,
@@ -285,14 +385,24 @@ def load_model(
     Without `adapter_dir`, a fresh LoRA of rank `r` and `lora_alpha` on `target_modules` is
     created (`lora_init="peft"`: B = 0 like PEFT, so lora_A gradients start at zero;
     `"random"`: both factors non-zero). `quantize="nf4"` stores base linears as NF4
-    (blocksize 64, double quantization), quantized one by one while reading. Embeddings,
-    norms and the head stay in `dtype`, which is also the compute dtype.
+    (blocksize 64, double quantization), quantized one by one while reading, in `dtype` (as
+    transformers + bitsandbytes quantize in the requested dtype).
+
+    Precision: `dtype` (a torch dtype or its name, e.g. "bfloat16") is the compute dtype and
+    the dtype of every frozen tensor. The LoRA factors follow PEFT's `autocast_adapter_dtype`:
+    True (default) keeps them in fp32 on a bf16/fp16 base, and each LoRA linear casts its input
+    to fp32 for the low-rank path and its output back (see `LoRALinear`); False puts them in
+    `dtype`. Log-probs and losses are computed in at least fp32 either way.
+    `device`: where every tensor lives and everything runs; None picks CUDA when available,
+    else CPU.
     """
     from transformers import AutoConfig
 
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; expected one of {QUANTIZE_CHOICES}")
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     base_dir = Path(base_dir)
+    require_directory(base_dir, "base model directory")
     if not (base_dir / "config.json").is_file():
         raise ValueError(f"{base_dir} has no config.json: not a Hugging Face model directory")
     hf_config = AutoConfig.from_pretrained(str(base_dir))
@@ -305,4 +415,7 @@ def load_model(
         lora = read_adapter(Path(adapter_dir))
     tensors = checkpoint_reader(base_dir)
     frozen = dense_or_nf4(tensors, quantize, dtype, device)
-    return build_model(hf_config, tensors, frozen, lora, dtype=dtype, device=device)
+    return build_model(
+        hf_config, tensors, frozen, lora,
+        dtype=dtype, lora_dtype=adapter_dtype(dtype, autocast_adapter_dtype), device=device,
+    )  # fmt: skip

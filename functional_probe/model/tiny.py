@@ -9,7 +9,16 @@ from torch import Tensor
 
 from .decoder import PROJECTIONS, DecoderConfig
 from .functional import FunctionalModel
-from .loading import LoraSpec, build_model, dense_or_nf4, linear_shapes, module_path
+from .loading import (
+    LoraSpec,
+    adapter_dtype,
+    build_model,
+    dense_or_nf4,
+    linear_shapes,
+    module_path,
+    resolve_device,
+    resolve_dtype,
+)  # fmt: skip
 
 TINY_RANK = 4
 TINY_ALPHA = 8.0
@@ -76,14 +85,21 @@ def tiny_model(
     seed: int = 0,
     quantize: str | None = "nf4",
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    autocast_adapter_dtype: bool = True,
 ) -> FunctionalModel:
     """The embedded default model: `tiny_config()` with `tiny_state_dict(seed)` and
-    `tiny_lora(seed)`, base linears in NF4 unless `quantize=None`."""
+    `tiny_lora(seed)`, base linears in NF4 unless `quantize=None`.
+
+    `dtype`, `device` (None: CUDA when available, else CPU) and `autocast_adapter_dtype`
+    (fp32 LoRA factors on a bf16/fp16 base) as in `load_model`.
+    """
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     hf_config = tiny_config()
     state = tiny_state_dict(hf_config, seed)
     frozen = dense_or_nf4(state.get, quantize, dtype, device)
     return build_model(
-        hf_config, state.get, frozen, tiny_lora(hf_config, seed), dtype=dtype, device=device
-    )
+        hf_config, state.get, frozen, tiny_lora(hf_config, seed),
+        dtype=dtype, lora_dtype=adapter_dtype(dtype, autocast_adapter_dtype), device=device,
+    )  # fmt: skip
