@@ -11,6 +11,7 @@ from .grads import gram, mean_grad, per_sample_grads, prompt_losses
 from .logprobs import sequence_logprobs, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
 from .model import FunctionalModel, from_peft, load_model, tiny_model
+from .optim_step import AdamState, NextStep, next_step
 from .precondition import AdamPreconditioner
 from .probe import ProbeResult, probe
 from .rollouts import Rollouts, read_rollouts, write_rollouts
@@ -18,9 +19,11 @@ from .rollouts import Rollouts, read_rollouts, write_rollouts
 __all__ = [
     "METHODS",
     "AdamPreconditioner",
+    "AdamState",
     "AlphaVariance",
     "Batch",
     "FunctionalModel",
+    "NextStep",
     "ProbeResult",
     "Rollouts",
     "alpha_projections",
@@ -30,6 +33,7 @@ __all__ = [
     "load_model",
     "make_batch",
     "mean_grad",
+    "next_step",
     "per_sample_grads",
     "probe",
     "prompt_losses",
