@@ -1,12 +1,15 @@
 """fp.probe against the same quantities assembled from reference loops and numpy."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from helpers import random_rollouts
 
 import functional_probe as fp
-from functional_probe.grads import dot
+from functional_probe.first_order import frozen_surrogate
+from functional_probe.grads import dot, dot64
 from functional_probe.probe import ProbeResult, probe
 
 ETA = 2e-3
@@ -98,3 +101,90 @@ def test_fewer_than_two_prompts_raise(setting):
     model, lora, E, U, pre = setting
     with pytest.raises(ValueError, match="at least 2 prompts in U"):
         probe(model, lora, E, U[:1], preconditioner=pre, eta=ETA)
+
+
+# ------------------------------------------------------------ the optimizer's exact step
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return fp.tiny_model(seed=0, quantize=None, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def batches64(model64):
+    pe, re_, ae = random_rollouts(5, 3, model64.vocab_size, seed=11)
+    pu, ru, au = random_rollouts(6, 3, model64.vocab_size, seed=12)
+    return fp.make_batch(pe, re_, advantages=ae), fp.make_batch(pu, ru, advantages=au)
+
+
+def trained(model, U, *, lr: float, steps: int, zero_b: bool = False, weight_decay: float = 0.01):
+    """AdamW after `steps` policy-gradient steps on U (p.grad = −mean ∇Ly, as cli.adamw_state) plus
+    noise so that m is not parallel to this step's gradient; zero_b: PEFT's B = 0 start."""
+    params = {k: torch.nn.Parameter(torch.zeros_like(v) if zero_b and "lora_B" in k else v.clone())
+              for k, v in model.lora.items()}  # fmt: skip
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        g = fp.mean_grad(model, {k: p.detach() for k, p in params.items()}, U, loss="y")
+        for k, p in params.items():
+            p.grad = -g[k] + 0.3 * g[k].abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+    return opt, params
+
+
+def real_displacement(model, opt, params, U, max_grad_norm):
+    """θ_new − θ_old of a real optimizer.step() on a deep copy, p.grad = −mean ∇Ly over U."""
+    opt2, params2 = copy.deepcopy((opt, params))
+    lora = {k: p.detach().clone() for k, p in params.items()}
+    g = fp.mean_grad(model, lora, U, loss="y")
+    for k, p in params2.items():
+        p.grad = -g[k].clone()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(params2.values()), max_grad_norm)
+    opt2.step()
+    return {k: params2[k].detach() - lora[k] for k in lora}
+
+
+STATES = {"stepped": dict(steps=3), "first_step_b_zero": dict(steps=0, zero_b=True)}
+
+
+@pytest.mark.parametrize("state", sorted(STATES))
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_delta_h1_is_the_finite_difference_along_the_real_step(model64, batches64, state, max_grad_norm):
+    """δH₁ = <μX, Δθ> against (f(θ + d) − f(θ − d))/2, f the mean X surrogate with frozen
+    coefficients and d the displacement of a real AdamW step (float64, lr 1e-5)."""
+    E, U = batches64
+    opt, params = trained(model64, U, lr=1e-5, **STATES[state])
+    lora = {k: p.detach().clone() for k, p in params.items()}
+    r = probe(model64, lora, E, U, optimizer=opt, named_params=params, max_grad_norm=max_grad_norm)
+    d = real_displacement(model64, opt, params, U, max_grad_norm)
+    f = frozen_surrogate(model64, E, lora, "dr_grpo")
+    fd = (f({k: lora[k] + d[k] for k in lora}) - f({k: lora[k] - d[k] for k in lora})) / 2
+    print(f"{state}, clip {max_grad_norm}: δH₁ {r.delta_h1:.6e}, finite difference {fd:.6e}")
+    assert abs(r.delta_h1 - fd) <= 1e-6 * abs(fd)
+    assert r.step == "optimizer" and r.eta == 1e-5 and r.optimizer.startswith("optimizer AdamW")
+    split = r.delta_h1_gradient + r.delta_h1_momentum + r.delta_h1_decay
+    assert split == pytest.approx(r.delta_h1, rel=1e-12)
+    assert (r.clip_coef < 1.0) == (max_grad_norm is not None)
+    if state == "stepped":  # momentum carries a real share of the step
+        assert abs(r.delta_h1_momentum) > 0.1 * abs(r.delta_h1)
+    else:  # first step: no momentum, no history
+        assert r.delta_h1_momentum == 0.0
+
+
+def test_s_and_t_are_the_loop_projections_on_the_step(model64, batches64):
+    """s_n = <X_n, Δθ>/η and t_p = <∇Ly[p], −Jᵀ μX>/η with X_n, ∇Ly[p] from one gradient per prompt."""
+    E, U = batches64
+    opt, params = trained(model64, U, lr=1e-3, steps=3)
+    lora = {k: p.detach().clone() for k, p in params.items()}
+    r = probe(model64, lora, E, U, optimizer=opt, named_params=params, max_grad_norm=0.05)
+    g = fp.mean_grad(model64, lora, U, loss="y")
+    nxt = fp.AdamState.from_optimizer(opt, params).step({k: -v for k, v in g.items()}, lora, max_grad_norm=0.05)
+    mu_x = fp.mean_grad(model64, lora, E, loss="x")
+    back = nxt.pullback(mu_x)
+    s = [dot64(fp.mean_grad(model64, lora, E[n], loss="x"), nxt.delta) / r.eta for n in range(len(E))]
+    t = [-dot64(fp.mean_grad(model64, lora, U[p], loss="y"), back) / r.eta for p in range(len(U))]
+    assert np.max(np.abs(np.array(r.s) - s)) <= 1e-10 * np.max(np.abs(s))
+    assert np.max(np.abs(np.array(r.t) - t)) <= 1e-10 * np.max(np.abs(t))
+    assert r.delta_h1 == pytest.approx(dot64(mu_x, nxt.delta), rel=1e-12)
