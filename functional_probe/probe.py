@@ -33,12 +33,9 @@ from .distributed import (
 )
 from .grads import dot64, mean_grad, require_batch
 from .model import FunctionalModel
-from .optim_step import AdamState, NextStep, clip_factor, group_lrs
+from .optim_step import AdamState
+from .probe_step import Preconditioner, StepView, jackknife_values, step_of
 from .stats import Moments, moments
-
-Preconditioner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
-Dict = dict[str, Tensor]
-STEPS = ("optimizer", "preconditioned")
 
 
 @dataclass
@@ -76,6 +73,7 @@ class ProbeResult:
     delta_h1_gradient: float | None = None
     delta_h1_momentum: float | None = None
     delta_h1_decay: float | None = None
+    v_y: str = "linear"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -83,90 +81,6 @@ class ProbeResult:
     @classmethod
     def from_json(cls, text: str) -> ProbeResult:
         return cls(**json.loads(text))
-
-
-@dataclass(frozen=True)
-class StepView:
-    """What the probe needs of a step built from g_U = mean_p ∇Ly[p]: the direction μY = Δθ/η
-    (s_n = <X_n, μY>), the pullback b = ∂<v, μY>/∂(mean ∇Ly) (t_p = <∇Ly[p], b(μX)>) and the
-    parts of Δθ (None for the seed's step)."""
-
-    direction: Dict
-    pullback: Callable[[Mapping[str, Tensor]], Dict]
-    parts: NextStep | None
-
-
-@dataclass(frozen=True)
-class PreconditionedStep:
-    """The seed's step θ → θ + η·P(g_U): μY = P(g_U), P diagonal and self-adjoint, b = P."""
-
-    preconditioner: Preconditioner
-    eta: float
-    name = "preconditioned"
-    source = None
-
-    def take(self, g_u: Mapping[str, Tensor], lora: Mapping[str, Tensor]) -> StepView:
-        return StepView(direction=self.preconditioner(g_u), pullback=self.preconditioner, parts=None)
-
-
-@dataclass(frozen=True)
-class OptimizerStep:
-    """The optimizer's exact next step for p.grad = −g_U (the trainer minimises −Ly), from θ = lora.
-
-    μY = Δθ/η with η the first group's lr; b(v) = −Jᵀv/η with J = ∂Δθ/∂(p.grad), the diagonal D
-    plus the clipping factor's rank-one term (NextStep.pullback)."""
-
-    state: AdamState
-    max_grad_norm: float | None
-    lr: float | Sequence[float] | None
-
-    name = "optimizer"
-
-    @property
-    def source(self) -> str:
-        return self.state.source
-
-    @property
-    def eta(self) -> float:
-        first = next(iter(self.state.params.values())).group
-        return group_lrs(self.state.params, self.lr)[first]
-
-    def take(self, g_u: Mapping[str, Tensor], lora: Mapping[str, Tensor]) -> StepView:
-        eta = self.eta
-        nxt = self.state.step({k: -v for k, v in g_u.items()}, lora, max_grad_norm=self.max_grad_norm,
-                              lr=self.lr)  # fmt: skip
-        direction = {k: v / eta for k, v in nxt.delta.items()}
-        return StepView(direction=direction, parts=nxt,
-                        pullback=lambda v: {k: -b / eta for k, b in nxt.pullback(v).items()})  # fmt: skip
-
-
-def step_of(lora, *, preconditioner, eta, optimizer, named_params, max_grad_norm, lr, step):
-    """The step the probe follows, checked against the LoRA dict before any gradient."""
-    if step is None:
-        step = "preconditioned" if preconditioner is not None else "optimizer"
-    if step not in STEPS:
-        raise ValueError(f"step={step!r}; expected one of {STEPS}")
-    if step == "preconditioned":
-        if preconditioner is None or eta is None or optimizer is not None:
-            raise ValueError("step='preconditioned' needs preconditioner= and eta= (and no optimizer=)")
-        return PreconditionedStep(preconditioner, float(eta))
-    if optimizer is None or preconditioner is not None or eta is not None:
-        raise ValueError("step='optimizer' needs optimizer= (a live optimizer with named_params=, or an "
-                         "AdamState) and no preconditioner=/eta= (η is the optimizer's lr)")  # fmt: skip
-    if isinstance(optimizer, AdamState):
-        if named_params is not None:
-            raise ValueError("named_params= is for a live optimizer; an AdamState is already matched")
-        state = optimizer
-    else:
-        if named_params is None:
-            raise ValueError("a live optimizer needs named_params= (name -> the Parameter it steps)")
-        state = AdamState.from_optimizer(optimizer, named_params)
-    state.check_shapes({k: v.shape for k, v in lora.items()})
-    out = OptimizerStep(state, max_grad_norm, lr)
-    if out.eta == 0.0:
-        raise ValueError("the optimizer's first param group has lr = 0: no step to probe")
-    clip_factor({}, max_grad_norm)  # validates max_grad_norm now
-    return out
 
 
 @contextmanager
@@ -220,6 +134,7 @@ def probe(
     preconditioner: Preconditioner | None = None,
     eta: float | None = None,
     step: str | None = None,
+    v_y: str = "linear",
     method: str = "jvp",
     weighting: str = "dr_grpo",
     microbatch: int | None = None,
@@ -252,7 +167,7 @@ def probe(
     E and U are this rank's shards (`None`: empty); see `sharded_probe`.
     """
     stepper = step_of(lora, preconditioner=preconditioner, eta=eta, optimizer=optimizer,
-                      named_params=named_params, max_grad_norm=max_grad_norm, lr=lr, step=step)  # fmt: skip
+                      named_params=named_params, max_grad_norm=max_grad_norm, lr=lr, step=step, v_y=v_y)  # fmt: skip
     kw = dict(method=method, weighting=weighting, microbatch=microbatch, temperature=temperature)
     if is_distributed(distributed):
         return sharded_probe(model, lora, E, U, stepper=stepper, progress=progress, **kw)
@@ -261,15 +176,17 @@ def probe(
         if len(b) < 2:
             raise ValueError(f"the probe needs at least 2 prompts in {name} for a variance, got {len(b)}")
     timings: dict[str, float] = {}
-    mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, distributed=False, **kw)
+    mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, n_u=len(U), distributed=False,
+                                   **kw)  # fmt: skip
     m_s, m_t, m_c = moments(s), moments(t), pair_moments(s, t, shared_pairs(E, U))
     return assemble(mu_x, view, stepper, m_s, m_t, m_c, s, t, timings=timings, **kw)
 
 
-def four_phases(model, lora, E, U, stepper, progress, timings, *, distributed: bool, method,
+def four_phases(model, lora, E, U, stepper, progress, timings, *, n_u: int, distributed: bool, method,
                 weighting, **kw):  # fmt: skip
-    """μX, the step from g_U = mean ∇Ly, s on E and t on U, each phase timed. With `distributed`,
-    E and U are shards: the means are global (all_reduce), s and t local, local errors agreed."""
+    """μX, the step from g_U = mean ∇Ly, s on E and t on U (linearised projections, or jackknife
+    pseudo-values over the n_u prompts of U), each phase timed. With `distributed`, E and U are
+    shards: the means are global (all_reduce), s and t local, local errors agreed."""
     say = progress or (lambda _: None)
     with timed(timings, "total"):
         say("mean X gradient over E")
@@ -284,9 +201,13 @@ def four_phases(model, lora, E, U, stepper, progress, timings, *, distributed: b
         with timed(timings, "proj_s"):
             s = project(shard_projections, model, lora, E, view.direction, loss="x", weighting=weighting,
                         method=method, **kw)  # fmt: skip
-        say("projections t of U on the step's pullback of mu_X")
         with timed(timings, "proj_t"):
-            t = project(shard_projections, model, lora, U, view.pullback(mu_x), loss="y", method=method, **kw)
+            if stepper.v_y == "jackknife":
+                say("jackknife over the prompts of U")
+                t = project(jackknife_values, model, lora, U, stepper, g_u, mu_x, n_u, **kw)
+            else:
+                say("projections t of U on the step's pullback of mu_X")
+                t = project(shard_projections, model, lora, U, view.pullback(mu_x), loss="y", method=method, **kw)
     return mu_x, view, s, t
 
 
@@ -310,7 +231,7 @@ def sharded_probe(model, lora, E: Batch | None, U: Batch | None, *, stepper, pro
             raise ValueError(f"the probe needs at least 2 prompts in {name} for a variance, got {b} "
                              f"across {rank_and_world()[1]} ranks")  # fmt: skip
     timings: dict[str, float] = {}
-    mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, distributed=True, **kw)
+    mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, n_u=B_U, distributed=True, **kw)
     pairs = shared_pairs(E, U) if E is not None and U is not None else []
     local = agree(lambda: [moments(s), moments(t), pair_moments(s, t, pairs)])  # a non-finite s raises
     m_s, m_t, m_c = all_moments(local)
@@ -334,5 +255,5 @@ def assemble(mu_x, view: StepView, stepper, m_s: Moments, m_t: Moments, m_c: Mom
         se=abs(eta) * math.sqrt(max(V_X + V_Y + 2 * C_XY, 0.0)), se_conditional=abs(eta) * math.sqrt(V_X),
         B_E=m_s.n, B_U=m_t.n, shared_prompts=m_c.n, method=method, weighting=weighting,
         s=s.double().tolist(), t=t.double().tolist(), timings=timings, step=stepper.name,
-        optimizer=stepper.source, **split,
+        optimizer=stepper.source, v_y=stepper.v_y, **split,
     )  # fmt: skip
