@@ -79,6 +79,10 @@ CASES = {
     "adamw_fp64": (lambda p: torch.optim.AdamW(p.values(), lr=0.05, weight_decay=0.1), torch.float64),
     "adamw_fp64_foreach": (lambda p: torch.optim.AdamW(p.values(), lr=0.05, weight_decay=0.1, foreach=True),
                            torch.float64),
+    "adamw_fused_fp64": (lambda p: torch.optim.AdamW(p.values(), lr=0.05, weight_decay=0.1, fused=True),
+                         torch.float64),
+    "adam_fused_amsgrad_l2_maximize": (lambda p: torch.optim.Adam(p.values(), lr=0.05, weight_decay=0.1, fused=True,
+                                                                  amsgrad=True, maximize=True), torch.float64),
     "adam_l2": (lambda p: torch.optim.Adam(p.values(), lr=0.05, weight_decay=0.1), torch.float64),
     "adam_l2_fp32": (lambda p: torch.optim.Adam(p.values(), lr=0.05, weight_decay=0.1), torch.float32),
     "amsgrad": (lambda p: torch.optim.AdamW(p.values(), lr=0.05, amsgrad=True), torch.float64),
@@ -326,6 +330,15 @@ def test_other_optimizers_are_refused_by_name(make, cls):
     params = make_params()
     with pytest.raises(ValueError, match=rf"optimizer {cls} \(.*\) is not supported"):
         next_step(make(params.values()), params, rand_grads(params, 0))
+
+
+def test_adafactor_is_refused_by_name():
+    from transformers.optimization import Adafactor
+
+    params = make_params()
+    opt = Adafactor(params.values(), lr=1e-3, relative_step=False, scale_parameter=False)
+    with pytest.raises(ValueError, match=r"optimizer Adafactor \(transformers.optimization.Adafactor\) is not"):
+        next_step(opt, params, rand_grads(params, 0))
 
 
 @pytest.mark.parametrize("name", ["Lion8bit", "LAMB", "AdEMAMix8bit"])

@@ -2,10 +2,18 @@
 
 import copy
 import importlib
+import os
+import pickle
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from helpers import random_rollouts
 
 import functional_probe as fp
@@ -287,3 +295,58 @@ def test_preconditioned_step_reports_no_split(setting):
     r = probe(model, lora, E, U, preconditioner=pre, eta=ETA, step="preconditioned")
     assert r.step == "preconditioned" and r.optimizer is None
     assert r.delta_h1_gradient is None and r.delta_h1_momentum is None and r.clip_coef is None
+
+
+# ------------------------------------------------- the exact step under torch.distributed
+
+
+def distributed_setting():
+    """Float64 model, E (5 prompts), U (6), AdamW after 2 steps: built alike in parent and ranks."""
+    model = fp.tiny_model(seed=0, quantize=None, dtype=torch.float64)
+    pe, re_, ae = random_rollouts(5, 3, model.vocab_size, seed=11)
+    pu, ru, au = random_rollouts(6, 3, model.vocab_size, seed=12)
+    E, U = fp.make_batch(pe, re_, advantages=ae), fp.make_batch(pu, ru, advantages=au)
+    opt, params = trained(model, U, lr=1e-5, steps=2)
+    return model, {k: p.detach().clone() for k, p in params.items()}, E, U, opt, params
+
+
+def sharded_results(rank: int, world: int, root: str) -> None:
+    """One rank: the optimizer-step probe on its shards of E and U, linear and jackknife V_Y."""
+    torch.set_num_threads(1)
+    model, lora, E, U, opt, params = distributed_setting()  # before the group: local training
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))  # fmt: skip
+    try:
+        kw = dict(optimizer=opt, named_params=params, max_grad_norm=0.05)
+        out = {v: asdict(probe(model, lora, fp.shard_batch(E), fp.shard_batch(U), v_y=v, **kw))
+               for v in ("linear", "jackknife")}  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    Path(root, f"rank{rank}.pkl").write_bytes(pickle.dumps(out))
+
+
+def test_exact_step_sharded_over_two_ranks_equals_one_process(tmp_path):
+    """2 gloo ranks (E 3|2, U 3|3): every number of the optimizer-step probe equals the
+    single-process one to 1e-10 (float64), the jackknife included."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        ctx = mp.start_processes(sharded_results, args=(2, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")  # fmt: skip
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.update(OMP_NUM_THREADS=old)
+    deadline = time.monotonic() + 400
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2 ranks did not finish in 400 s (a hang?)")
+    ranks = [pickle.loads(Path(tmp_path, f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    model, lora, E, U, opt, params = distributed_setting()
+    for v in ("linear", "jackknife"):
+        ref = asdict(probe(model, lora, E, U, optimizer=opt, named_params=params, max_grad_norm=0.05, v_y=v))
+        for got in (r[v] for r in ranks):
+            for key in ("delta_h1", "V_X", "V_Y", "se", "delta_h1_gradient", "delta_h1_momentum", "clip_coef"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-10), (v, key)
+            assert np.allclose(got["s"], ref["s"], rtol=1e-10, atol=0) and np.allclose(got["t"], ref["t"], rtol=1e-10, atol=0)
+            assert (got["B_E"], got["B_U"], got["v_y"]) == (5, 6, v)
