@@ -78,7 +78,7 @@ def dequantized(name: str, st: Mapping[str, Any], i: int) -> Tensor:
     """state{i} as float32: as is, or dequantized with qmap{i}/absmax{i} (blocks of 256)."""
     s = st[f"state{i}"].detach()
     if s.dtype == torch.float32:
-        return s
+        return s.clone()  # a snapshot: step() updates it in place
     if s.dtype != torch.uint8:
         raise ValueError(f"parameter {name!r}: state{i} has dtype {s.dtype}; expected float32 or uint8")
     lost = [k for k in (f"qmap{i}", f"absmax{i}") if k not in st]

@@ -108,8 +108,10 @@ class AdamState:
     """An Adam-family optimizer's state, matched to parameter names, ready to take the next step.
 
     Build with :meth:`from_optimizer` (live, matched by Parameter identity) or
-    :meth:`from_state_dict` (saved; names in param-group order). ``params`` holds the live
-    Parameters (None for a saved state: pass θ to :meth:`step`). ``source`` names the optimizer.
+    :meth:`from_state_dict` (saved; names in param-group order). ``params``: name -> its state,
+    a copy taken when read (a later ``optimizer.step()`` does not change it); ``live``: name ->
+    the live Parameter (None for a saved state: pass θ to :meth:`step`); ``source`` names the
+    optimizer.
     """
 
     params: dict[str, ParamState]
@@ -409,7 +411,7 @@ def read_torch_entry(name: str, st: Mapping[str, Any], group: Mapping[str, Any],
     if lost:
         raise ValueError(f"parameter {name!r} state has no {lost[0]!r} (keys: {sorted(st)}): not a "
                          "torch Adam/AdamW state")  # fmt: skip
-    tensors = {k: st[k].detach() for k in keys[:2] + keys[3:]}
+    tensors = {k: st[k].detach().clone() for k in keys[:2] + keys[3:]}  # a snapshot: step() updates in place
     shapes = {tuple(t.shape) for t in tensors.values()} | ({shape} if shape is not None else set())
     if len(shapes) != 1:
         raise ValueError(f"parameter {name!r}: state tensors have shapes {sorted(shapes)}, expected one shape")

@@ -395,3 +395,16 @@ def test_saved_state_refusals():
 
 def test_exported():
     assert fp.next_step is next_step and fp.AdamState is AdamState
+
+
+def test_state_is_a_snapshot():
+    """An AdamState read before a step still gives that step after the optimizer moved on."""
+    params = make_params(dtype=torch.float64)
+    opt = torch.optim.AdamW(params.values(), lr=0.05)
+    history(opt, params, 2)
+    grads = rand_grads(params, 19)
+    theta = {k: p.detach().clone() for k, p in params.items()}
+    state = AdamState.from_optimizer(opt, params)
+    want = real_step(opt, params, grads)
+    history(opt, params, 1, seed=50)
+    assert dict_rel_err(state.step(grads, theta).delta, want) <= 1e-12
