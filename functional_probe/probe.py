@@ -152,7 +152,10 @@ def probe(
     group's lr, μY = Δθ/η, s_n = <X_n, μY>. Δθ depends on U non-linearly (m, v, clipping), so V_Y
     is linearised: t_p = <∇Ly[p], −Jᵀ μX>/η, J = ∂Δθ/∂p.grad = diag(D) + the clipping factor's
     rank-one term (D includes v's dependence on g); the momentum and decay parts carry no
-    U-variance. The split of δH₁ into gradient, momentum and decay parts is reported.
+    U-variance. `v_y="jackknife"` replaces t by leave-one-prompt-out pseudo-values (see
+    `probe_step.jackknife_values`; one per-sample gradient pass over U, one step per prompt) for
+    where the linearisation fails, e.g. the first step (Adam ≈ −lr·sign(g)). The split of δH₁
+    into gradient, momentum and decay parts is reported.
 
     step="preconditioned" (given `preconditioner=`, `eta=`): the seed's step θ + η·μY with
     μY = P(g_U), Adam's denominator from the state before the step, no momentum, no decay;

@@ -107,6 +107,9 @@ def step_of(
         if v_y != "linear":
             raise ValueError("v_y='jackknife' is for step='optimizer': the preconditioned step is linear "
                              "in the gradient, its V_Y is exact")  # fmt: skip
+        if max_grad_norm is not None or lr is not None:
+            raise ValueError("max_grad_norm= and lr= are for step='optimizer'; the preconditioned step "
+                             "is η·P(g) with eta=")  # fmt: skip
         return PreconditionedStep(preconditioner, float(eta))
     if optimizer is None or preconditioner is not None or eta is not None:
         raise ValueError("step='optimizer' needs optimizer= (a live optimizer with named_params=, or an "
@@ -125,8 +128,6 @@ def step_of(
         raise ValueError("the optimizer's first param group has lr = 0: no step to probe")
     clip_factor({}, max_grad_norm)  # validates max_grad_norm now
     return out
-
-
 
 
 def jackknife_values(model, lora, U: Batch | None, step: OptimizerStep, g_u: Mapping[str, Tensor],

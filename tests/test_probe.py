@@ -350,3 +350,10 @@ def test_exact_step_sharded_over_two_ranks_equals_one_process(tmp_path):
                 assert got[key] == pytest.approx(ref[key], rel=1e-10), (v, key)
             assert np.allclose(got["s"], ref["s"], rtol=1e-10, atol=0) and np.allclose(got["t"], ref["t"], rtol=1e-10, atol=0)
             assert (got["B_E"], got["B_U"], got["v_y"]) == (5, 6, v)
+
+
+def test_optimizer_options_are_refused_with_the_preconditioned_step(setting):
+    model, lora, E, U, pre = setting
+    for extra in (dict(max_grad_norm=1.0), dict(lr=1e-3)):
+        with pytest.raises(ValueError, match="are for step='optimizer'"):
+            probe(model, lora, E, U, preconditioner=pre, eta=ETA, **extra)
