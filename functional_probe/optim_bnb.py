@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optim_step import ParamState, group_fields, step_count
+from .optim_read import ParamState, group_fields, step_count
 
 BLOCKSIZE = 256  # bitsandbytes' blockwise 8-bit optimizer block
 WRAPPED = "__bnb_optimizer_quant_state__"  # Optimizer8bit.state_dict() nests the quantization tensors here
