@@ -11,6 +11,7 @@ from .grads import gram, mean_grad, per_sample_grads, prompt_losses
 from .logprobs import sequence_logprobs, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
 from .model import FunctionalModel, from_peft, load_model, tiny_model
+from .optim_step import AdamState, NextStep, next_step
 from .precondition import AdamPreconditioner
 from .probe import ProbeResult, probe
 from .rollouts import Rollouts, read_rollouts, write_rollouts
@@ -20,9 +21,11 @@ from .trl_rows import TrainerRows, micro_batches_from_inputs, trl_advantages
 __all__ = [
     "METHODS",
     "AdamPreconditioner",
+    "AdamState",
     "AlphaVariance",
     "Batch",
     "FunctionalModel",
+    "NextStep",
     "ProbeResult",
     "Rollouts",
     "TrainerLoss",
@@ -35,6 +38,7 @@ __all__ = [
     "make_batch",
     "mean_grad",
     "micro_batches_from_inputs",
+    "next_step",
     "per_sample_grads",
     "probe",
     "prompt_losses",

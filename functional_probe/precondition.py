@@ -10,7 +10,9 @@ so ``η · P(g)`` with ``η = lr_0`` is the step each group takes for a gradient
 first moment is ``g`` (LoRA+ style groups with a larger lr get their part scaled up).
 ``P`` excludes momentum (``exp_avg``), the first-moment bias correction ``1 − β1^t``, and
 weight decay; it is the ``P`` of the design's ``Y_p = P(∇θ Ly[p])``. It is diagonal and
-positive, hence self-adjoint: ``<P(a), b> = <a, P(b)>``.
+positive, hence self-adjoint: ``<P(a), b> = <a, P(b)>``. This is the seed's approximation of
+the step (``probe(..., step="preconditioned")``); the step the optimizer really takes, with this
+batch's g² in v, momentum, decay and clipping, is ``optim_step.AdamState.step``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from .optim_step import AdamState
+
 __all__ = ["AdamPreconditioner"]
-
-# Optimizers that keep an ``exp_avg_sq`` but whose step is not g / (sqrt(v̂) + ε).
-_REFUSED = {"RAdam": "its rectified step is not g / (sqrt(v_hat) + eps)"}
-
 
 @dataclass(frozen=True, eq=False)  # eq on dicts of tensors would be ambiguous
 class AdamPreconditioner:
@@ -94,35 +94,36 @@ class AdamPreconditioner:
         """Read ``P`` from a live Adam/AdamW that has stepped at least once.
 
         Args:
-            optimizer: a ``torch.optim.Adam``/``AdamW`` (or an optimizer with the same
-                param-group keys ``lr, betas, eps`` and per-parameter state
-                ``exp_avg_sq, step``).
+            optimizer: a ``torch.optim.Adam``/``AdamW`` or a bitsandbytes Adam-family optimizer
+                (8-bit states dequantized), also inside accelerate's ``AcceleratedOptimizer``;
+                read by :meth:`AdamState.from_optimizer`, which refuses any other optimizer
+                naming its real class.
             named_params: name -> the Parameter object the optimizer steps (e.g.
                 ``model.named_parameters()``). Names not in the optimizer are ignored;
                 every optimizer parameter must have a name.
 
         Raises:
-            ValueError: the optimizer is not Adam-like, a parameter has no name or no
-                state, or its step is 0; the message names the parameter.
+            ValueError: the optimizer is not supported (naming its real class), a parameter
+                has no name or no state, or its step is 0; the message names the parameter.
         """
-        kind = type(optimizer).__name__
-        if kind in _REFUSED:
-            raise ValueError(f"optimizer {kind} is not supported: {_REFUSED[kind]}")
-        pairs = list(named_params.items() if isinstance(named_params, Mapping) else named_params)
-        by_id: dict[int, str] = {}
-        for name, p in pairs:
-            if id(p) in by_id:
-                raise ValueError(f"parameters {by_id[id(p)]!r} and {name!r} are the same tensor")
-            by_id[id(p)] = name
-        entries: list[tuple[str, Mapping[str, Any] | None, Mapping[str, Any], int]] = []
-        for gi, group in enumerate(optimizer.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if id(p) not in by_id:
-                    raise ValueError(
-                        f"optimizer param group {gi}, parameter {pi} (shape {tuple(p.shape)}) "
-                        "is not in named_params")
-                entries.append((by_id[id(p)], optimizer.state.get(p), group, gi))
-        return cls._build(entries, source=f"optimizer {kind}")
+        return cls.from_adam_state(AdamState.from_optimizer(optimizer, named_params))
+
+    @classmethod
+    def from_adam_state(cls, state: AdamState) -> AdamPreconditioner:
+        """``P`` from an :class:`AdamState` (live torch or bitsandbytes optimizer, or saved)."""
+        lr0 = _nonzero_lr0(next(iter(state.params.values())).lr)
+        denom: dict[str, Tensor] = {}
+        scale: dict[str, float] = {}
+        for name, ps in state.params.items():
+            if ps.v is None:
+                raise ValueError(f"parameter {name!r} has no Adam state: has the optimizer stepped?")
+            if ps.step <= 0:
+                raise ValueError(f"parameter {name!r} has Adam step {ps.step:g}: the optimizer has not stepped")
+            v = ps.v_max if ps.amsgrad else ps.v
+            work = torch.promote_types(v.dtype, torch.float32)
+            denom[name] = (v.to(work).sqrt() / math.sqrt(1.0 - ps.beta2**ps.step)).add_(ps.eps)
+            scale[name] = ps.lr / lr0
+        return cls(denom=denom, scale=scale, lr=lr0)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], names: Sequence[str]) -> AdamPreconditioner:
@@ -166,10 +167,7 @@ class AdamPreconditioner:
     ) -> AdamPreconditioner:
         if not entries:
             raise ValueError(f"{source} has no parameters")
-        lr0 = _group_lr(entries[0][2], entries[0][3])
-        if lr0 == 0.0:
-            raise ValueError("param group 0 has lr = 0; cannot express other groups' steps "
-                             "as multiples of it")
+        lr0 = _nonzero_lr0(_group_lr(entries[0][2], entries[0][3]))
         denom: dict[str, Tensor] = {}
         scale: dict[str, float] = {}
         for name, st, group, gi in entries:
@@ -182,6 +180,12 @@ class AdamPreconditioner:
             denom[name] = _denominator(name, st, group)
             scale[name] = _group_lr(group, gi) / lr0
         return cls(denom=denom, scale=scale, lr=lr0)
+
+
+def _nonzero_lr0(lr0: float) -> float:
+    if lr0 == 0.0:
+        raise ValueError("param group 0 has lr = 0; cannot express other groups' steps as multiples of it")
+    return lr0
 
 
 def _group_lr(group: Mapping[str, Any], gi: int) -> float:

@@ -1,6 +1,9 @@
-"""The whole δH₁ probe: μX over E, μY = P(mean ∇Ly) over U, projections both ways, standard errors.
+"""The whole δH₁ probe: μX over E, the step from mean ∇Ly over U, projections both ways, standard errors.
 
-Cost: two reverse passes (μX, μY) and two projection passes (s on E, t on U); no per-prompt
+Two steps: the exact next step of the user's optimizer (`optimizer=`; `OptimizerStep`) or the
+seed's preconditioned step η·P(μY) (`preconditioner=`, `eta=`;
+`PreconditionedStep`).
+Cost: two reverse passes (μX, mean ∇Ly) and two projection passes (s on E, t on U); no per-prompt
 backward loops. Formulas: DESIGN §1.
 """
 
@@ -9,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 from .alpha import shard_projections
 from .batch import Batch
@@ -28,16 +33,23 @@ from .distributed import (
 )
 from .grads import dot64, mean_grad, require_batch
 from .model import FunctionalModel
+from .optim_step import AdamState
+from .probe_step import Preconditioner, StepView, jackknife_values, step_of
 from .stats import Moments, moments
-
-Preconditioner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
 
 @dataclass
 class ProbeResult:
-    """δH₁ = η·<μX, μY> and its uncertainty. Variances are of the mean, per unit step (no η);
+    """δH₁ = η·bars_dot and its uncertainty. Variances are of the mean, per unit step (no η);
     `se`, `se_conditional` and `delta_h1` are scaled by η. `s` [B_E] and `t` [B_U] are the
-    projections; `shared_prompts` counts prompts found in both E and U (cross term included)."""
+    projections; `shared_prompts` counts prompts found in both E and U (cross term included).
+
+    `step` says which step: "optimizer" (Δθ the optimizer takes next; η = its first group's lr,
+    bars_dot = <μX, Δθ>/η) or "preconditioned" (the seed's η·P(μY), bars_dot = <μX, μY>).
+    For "optimizer", `delta_h1_gradient`, `_momentum`, `_decay` split δH₁ = <μX, Δθ> into this
+    batch's gradient part and the momentum and weight-decay parts (they sum to `delta_h1`);
+    `clip_coef` is the gradient-clipping factor applied (1.0: none); `optimizer` names it.
+    These are None for the preconditioned step, which has no such parts."""
 
     eta: float
     bars_dot: float
@@ -55,6 +67,13 @@ class ProbeResult:
     s: list[float]
     t: list[float]
     timings: dict[str, float] = field(default_factory=dict)
+    step: str = "preconditioned"
+    optimizer: str | None = None
+    clip_coef: float | None = None
+    delta_h1_gradient: float | None = None
+    delta_h1_momentum: float | None = None
+    delta_h1_decay: float | None = None
+    v_y: str = "linear"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -108,8 +127,14 @@ def probe(
     E: Batch | None,
     U: Batch | None,
     *,
-    preconditioner: Preconditioner,
-    eta: float,
+    optimizer: torch.optim.Optimizer | AdamState | None = None,
+    named_params: Mapping[str, Parameter] | Iterable[tuple[str, Parameter]] | None = None,
+    max_grad_norm: float | None = None,
+    lr: float | Sequence[float] | None = None,
+    preconditioner: Preconditioner | None = None,
+    eta: float | None = None,
+    step: str | None = None,
+    v_y: str = "linear",
     method: str = "jvp",
     weighting: str = "dr_grpo",
     microbatch: int | None = None,
@@ -117,64 +142,85 @@ def probe(
     progress: Callable[[str], None] | None = None,
     distributed: bool | None = None,
 ) -> ProbeResult:
-    """δH₁ of one preconditioned step θ → θ + η·μY, with SE = η·sqrt(V_X + V_Y + 2·C_XY).
+    """δH₁ of one step from θ = `lora`, with SE = η·sqrt(V_X + V_Y + 2·C_XY).
 
-    V_X = Σ(s_n − s̄)²/(B_E(B_E−1)) with s_n = <X_n, μY>; V_Y likewise with t_p = <∇Ly[p], P(μX)>
-    (P diagonal, so = <Y_p, μX>). C_XY ≠ 0 only when E and U share prompts (compared by token
-    ids). `se_conditional` = η·sqrt(V_X), the SE given U. `progress(phase)` is called before
-    each of the four phases.
+    step="optimizer" (given `optimizer=`): Δθ is the exact next step of the optimizer (torch
+    Adam/AdamW, bitsandbytes Adam-family; live with `named_params=`, or an `AdamState` read from
+    a saved state) for p.grad = −g_U, g_U = mean_p ∇Ly[p] (the trainer minimises −Ly, as
+    `cli.adamw_state` does), after clip_grad_norm_(`max_grad_norm`), at the groups' current lr
+    (or `lr=`, see `AdamState.step`); weight decay acts on `lora`. δH₁ = <μX, Δθ>, η = the first
+    group's lr, μY = Δθ/η, s_n = <X_n, μY>. Δθ depends on U non-linearly (m, v, clipping), so V_Y
+    is linearised: t_p = <∇Ly[p], −Jᵀ μX>/η, J = ∂Δθ/∂p.grad = diag(D) + the clipping factor's
+    rank-one term (D includes v's dependence on g); the momentum and decay parts carry no
+    U-variance. `v_y="jackknife"` replaces t by leave-one-prompt-out pseudo-values (see
+    `probe_step.jackknife_values`; one per-sample gradient pass over U, one step per prompt) for
+    where the linearisation fails, e.g. the first step (Adam ≈ −lr·sign(g)). The split of δH₁
+    into gradient, momentum and decay parts is reported.
+
+    step="preconditioned" (given `preconditioner=`, `eta=`): the seed's step θ + η·μY with
+    μY = P(g_U), Adam's denominator from the state before the step, no momentum, no decay;
+    t_p = <∇Ly[p], P(μX)>.
+
+    V_X = Σ(s_n − s̄)²/(B_E(B_E−1)); V_Y likewise from t. C_XY ≠ 0 only when E and U share prompts
+    (compared by token ids). `se_conditional` = η·sqrt(V_X), the SE given U. `progress(phase)` is
+    called before each of the four phases. The optimizer state is matched to `lora` (names and
+    shapes) before any gradient is computed.
 
     Under torch.distributed (`distributed=None` and a process group initialized, or True)
     E and U are this rank's shards (`None`: empty); see `sharded_probe`.
     """
+    stepper = step_of(lora, preconditioner=preconditioner, eta=eta, optimizer=optimizer,
+                      named_params=named_params, max_grad_norm=max_grad_norm, lr=lr, step=step, v_y=v_y)  # fmt: skip
     kw = dict(method=method, weighting=weighting, microbatch=microbatch, temperature=temperature)
     if is_distributed(distributed):
-        return sharded_probe(model, lora, E, U, preconditioner=preconditioner, eta=eta,
-                             progress=progress, **kw)  # fmt: skip
+        return sharded_probe(model, lora, E, U, stepper=stepper, progress=progress, **kw)
     for name, b in (("E", E), ("U", U)):
         require_batch(b, "probe")
         if len(b) < 2:
             raise ValueError(f"the probe needs at least 2 prompts in {name} for a variance, got {len(b)}")
     timings: dict[str, float] = {}
-    mu_x, mu_y, s, t = four_phases(model, lora, E, U, preconditioner, progress, timings,
-                                   distributed=False, **kw)  # fmt: skip
+    mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, n_u=len(U), distributed=False,
+                                   **kw)  # fmt: skip
     m_s, m_t, m_c = moments(s), moments(t), pair_moments(s, t, shared_pairs(E, U))
-    return assemble(mu_x, mu_y, m_s, m_t, m_c, s, t, eta=eta, timings=timings, **kw)
+    return assemble(mu_x, view, stepper, m_s, m_t, m_c, s, t, timings=timings, **kw)
 
 
-def four_phases(model, lora, E, U, preconditioner, progress, timings, *, distributed: bool, method,
+def four_phases(model, lora, E, U, stepper, progress, timings, *, n_u: int, distributed: bool, method,
                 weighting, **kw):  # fmt: skip
-    """μX, μY = P(mean ∇Ly), s on E and t on U, each phase timed. With `distributed`, E and U
-    are shards: the means are global (all_reduce), s and t local, local errors agreed."""
+    """μX, the step from g_U = mean ∇Ly, s on E and t on U (linearised projections, or jackknife
+    pseudo-values over the n_u prompts of U), each phase timed. With `distributed`, E and U are
+    shards: the means are global (all_reduce), s and t local, local errors agreed."""
     say = progress or (lambda _: None)
     with timed(timings, "total"):
         say("mean X gradient over E")
         with timed(timings, "mu_x"):
             mu_x = mean_grad(model, lora, E, loss="x", weighting=weighting, distributed=distributed, **kw)
-        say("preconditioned mean Y gradient over U")
+        say(f"mean Y gradient over U and the {stepper.name} step")
         with timed(timings, "mu_y"):
-            mu_y = mean_grad(model, lora, U, loss="y", preconditioner=preconditioner,
-                             distributed=distributed, **kw)  # fmt: skip
+            g_u = mean_grad(model, lora, U, loss="y", distributed=distributed, **kw)
+            view = stepper.take(g_u, lora)
         project = agree if distributed else (lambda fn, *a, **k: fn(*a, **k))
-        say("projections s of E on mu_Y")
+        say("projections s of E on the step")
         with timed(timings, "proj_s"):
-            s = project(shard_projections, model, lora, E, mu_y, loss="x", weighting=weighting,
+            s = project(shard_projections, model, lora, E, view.direction, loss="x", weighting=weighting,
                         method=method, **kw)  # fmt: skip
-        say("projections t of U on P(mu_X)")
         with timed(timings, "proj_t"):
-            t = project(
-                shard_projections, model, lora, U, preconditioner(mu_x), loss="y", method=method, **kw
-            )
-    return mu_x, mu_y, s, t
+            if stepper.v_y == "jackknife":
+                say("jackknife over the prompts of U")
+                t = project(jackknife_values, model, lora, U, stepper, g_u, mu_x, n_u, **kw)
+            else:
+                say("projections t of U on the step's pullback of mu_X")
+                t = project(shard_projections, model, lora, U, view.pullback(mu_x), loss="y", method=method, **kw)
+    return mu_x, view, s, t
 
 
-def sharded_probe(model, lora, E: Batch | None, U: Batch | None, *, preconditioner, eta, progress,
-                  **kw) -> ProbeResult:  # fmt: skip
+def sharded_probe(model, lora, E: Batch | None, U: Batch | None, *, stepper, progress, **kw) -> ProbeResult:
     """The probe with E and U sharded over the ranks of the process group. Each rank:
 
     1. all_reduces the shard sizes -> B_E, B_U (< 2 raises ValueError on every rank);
-    2. sums its shard's X (Y) gradients; one float64 all_reduce each gives μX, μY = P(Σ/B);
-    3. projects its shard: s_n = <X_n, μY>, t_p = <Y_p, P(μX)> (local, no communication);
+    2. sums its shard's X (Y) gradients; one float64 all_reduce each gives μX and g_U, from
+       which every rank computes the same step (μY and the pullback b);
+    3. projects its shard: s_n = <X_n, μY>, t_p = <∇Ly[p], b(μX)> (local, no communication);
     4. all_gathers the float64 moments of s, of t and of the (s_n, t_p) pairs of prompts
        shared by its E and U shards (token ids), combines them with Chan in rank order;
     5. all_gathers s and t in rank order for the report.
@@ -188,24 +234,29 @@ def sharded_probe(model, lora, E: Batch | None, U: Batch | None, *, precondition
             raise ValueError(f"the probe needs at least 2 prompts in {name} for a variance, got {b} "
                              f"across {rank_and_world()[1]} ranks")  # fmt: skip
     timings: dict[str, float] = {}
-    mu_x, mu_y, s, t = four_phases(model, lora, E, U, preconditioner, progress, timings,
-                                   distributed=True, **kw)  # fmt: skip
+    mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, n_u=B_U, distributed=True, **kw)
     pairs = shared_pairs(E, U) if E is not None and U is not None else []
     local = agree(lambda: [moments(s), moments(t), pair_moments(s, t, pairs)])  # a non-finite s raises
     m_s, m_t, m_c = all_moments(local)
     s_all, t_all = all_gather_vector(s), all_gather_vector(t)
-    return assemble(mu_x, mu_y, m_s, m_t, m_c, s_all, t_all, eta=eta, timings=timings, **kw)
+    return assemble(mu_x, view, stepper, m_s, m_t, m_c, s_all, t_all, timings=timings, **kw)
 
 
-def assemble(mu_x, mu_y, m_s: Moments, m_t: Moments, m_c: Moments, s: Tensor, t: Tensor, *,
-             eta: float, timings: dict[str, float], method: str, weighting: str, **_) -> ProbeResult:  # fmt: skip
-    """ProbeResult from the means, the (global) moments of s, t and of the shared pairs."""
+def assemble(mu_x, view: StepView, stepper, m_s: Moments, m_t: Moments, m_c: Moments, s: Tensor, t: Tensor,
+             *, timings: dict[str, float], method: str, weighting: str, **_) -> ProbeResult:  # fmt: skip
+    """ProbeResult from the means, the step, the (global) moments of s, t and of the shared pairs."""
+    eta = stepper.eta
     V_X, V_Y = m_s.var_of_mean_x(), m_t.var_of_mean_x()
     C_XY = cross_of(m_c, m_s.n, m_t.n)
-    bars_dot = dot64(mu_x, mu_y)
+    bars_dot = dot64(mu_x, view.direction)
+    split = {}
+    if view.parts is not None:
+        split = {f"delta_h1_{k}": dot64(mu_x, getattr(view.parts, k)) for k in ("gradient", "momentum", "decay")}
+        split["clip_coef"] = view.parts.clip_coef
     return ProbeResult(
-        eta=float(eta), bars_dot=bars_dot, delta_h1=eta * bars_dot, V_X=V_X, V_Y=V_Y, C_XY=C_XY,
+        eta=eta, bars_dot=bars_dot, delta_h1=eta * bars_dot, V_X=V_X, V_Y=V_Y, C_XY=C_XY,
         se=abs(eta) * math.sqrt(max(V_X + V_Y + 2 * C_XY, 0.0)), se_conditional=abs(eta) * math.sqrt(V_X),
         B_E=m_s.n, B_U=m_t.n, shared_prompts=m_c.n, method=method, weighting=weighting,
-        s=s.double().tolist(), t=t.double().tolist(), timings=timings,
+        s=s.double().tolist(), t=t.double().tolist(), timings=timings, step=stepper.name,
+        optimizer=stepper.source, v_y=stepper.v_y, **split,
     )  # fmt: skip

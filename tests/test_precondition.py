@@ -184,19 +184,54 @@ def stepped() -> tuple[torch.optim.Optimizer, dict[str, torch.nn.Parameter]]:
     return opt, params
 
 
-def test_error_not_adam() -> None:
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam])
+def test_error_not_adam(cls) -> None:
     params = make_params()
-    sgd = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9)
-    run_steps(sgd, params, 1)
-    with pytest.raises(ValueError, match="SGD is not Adam/AdamW-like.*'betas'"):
-        AdamPreconditioner.from_optimizer(sgd, params)
-    adamax = torch.optim.Adamax(params.values())
-    run_steps(adamax, params, 1)
-    with pytest.raises(ValueError, match="'layer.lora_A'.*exp_avg_sq.*not Adam/AdamW-like"):
-        AdamPreconditioner.from_optimizer(adamax, params)
-    radam = torch.optim.RAdam(params.values())
-    with pytest.raises(ValueError, match="RAdam"):
+    opt = cls(params.values(), lr=0.1)
+    run_steps(opt, params, 1)
+    with pytest.raises(ValueError, match=rf"optimizer {cls.__name__} \(torch.optim.*\) is not supported"):
+        AdamPreconditioner.from_optimizer(opt, params)
+
+
+def test_accelerate_wrapper_is_unwrapped_and_cannot_hide_radam() -> None:
+    from accelerate import Accelerator
+
+    params = make_params()
+    inner = two_group_adamw(params)
+    wrapped = Accelerator(cpu=True).prepare(inner)
+    run_steps(wrapped, params, 3)
+    pre = AdamPreconditioner.from_optimizer(wrapped, params)
+    grads = rand_grads(4)
+    assert_close(pre(grads), by_hand(inner, params, grads), 1e-6)
+    radam = Accelerator(cpu=True).prepare(torch.optim.RAdam(params.values()))
+    run_steps(radam, params, 1)
+    with pytest.raises(ValueError, match=r"optimizer RAdam \(torch.optim.radam.RAdam\) inside AcceleratedOptimizer"):
         AdamPreconditioner.from_optimizer(radam, params)
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "PagedAdamW32bit"])
+def test_bitsandbytes_state(name) -> None:
+    """P from a bitsandbytes optimizer: v = state2 (8-bit: dequantized by bitsandbytes itself,
+    `dequantize_blockwise` with qmap2/absmax2 in blocks of 256), step t, against the formula."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    params = {"big": torch.nn.Parameter(torch.randn(64, 80, generator=g)), **make_params()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # paged optimizers fall back to plain buffers on CPU, warning
+        opt = getattr(bnb.optim, name)(params.values(), lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+        run_steps(opt, params, 3)
+    pre = AdamPreconditioner.from_optimizer(opt, params)
+    grads = {"big": torch.randn(64, 80, generator=g), **rand_grads(5)}
+    for k, p in params.items():
+        st = opt.state[p]
+        v = st["state2"]
+        if v.dtype == torch.uint8:
+            v = bnb.functional.dequantize_blockwise(v, absmax=st["absmax2"], code=st["qmap2"], blocksize=256)
+        want = grads[k] / ((v.double() / (1 - 0.99**3)).sqrt() + 1e-6)
+        assert float((pre(grads)[k].double() - want).norm() / want.norm()) <= 1e-6
+    assert opt.state[params["big"]]["state2"].dtype == (torch.uint8 if "8bit" in name else torch.float32)
 
 
 def test_error_not_stepped() -> None:
