@@ -29,6 +29,7 @@ from .distributed import (
 from .grads import dot64, mean_grad, require_batch
 from .model import FunctionalModel
 from .stats import Moments, moments
+from .validation import check_step_size
 
 Preconditioner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -127,6 +128,7 @@ def probe(
     Under torch.distributed (`distributed=None` and a process group initialized, or True)
     E and U are this rank's shards (`None`: empty); see `sharded_probe`.
     """
+    eta = check_step_size(eta, "probe: eta")
     kw = dict(method=method, weighting=weighting, microbatch=microbatch, temperature=temperature)
     if is_distributed(distributed):
         return sharded_probe(model, lora, E, U, preconditioner=preconditioner, eta=eta,
@@ -135,6 +137,7 @@ def probe(
         require_batch(b, "probe")
         if len(b) < 2:
             raise ValueError(f"the probe needs at least 2 prompts in {name} for a variance, got {len(b)}")
+    U.require_advantages("probe: the update batch U")
     timings: dict[str, float] = {}
     mu_x, mu_y, s, t = four_phases(model, lora, E, U, preconditioner, progress, timings,
                                    distributed=False, **kw)  # fmt: skip
