@@ -178,14 +178,17 @@ def scheduler_lr(ckpt: Path, group_lr: float) -> tuple[float, str]:
         last = load_file(sched, "scheduler state").get("_last_lr")
         if last:
             lr = float(last[0])
-            note = f"; lr {lr:.6g} from scheduler.pt"
+            note = f"; next step's lr {lr:.6g} (scheduler.pt)"
     state_file = ckpt / "trainer_state.json"
     if state_file.is_file():
         info = json.loads(state_file.read_text())
         logged = [e["learning_rate"] for e in info.get("log_history", []) if "learning_rate" in e]
-        note += f"; trainer_state.json: global_step {info.get('global_step')}"
+        note += f"; after global_step {info.get('global_step')}"
         if logged:
-            note += f", last logged learning_rate {logged[-1]:.6g}"
+            note += f", whose learning_rate was {float(logged[-1]):.6g} (trainer_state.json)"
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"{ckpt}: the scheduler's next lr is {lr}: the next step moves nothing (the end "
+                         "of a decaying schedule?); probe an earlier checkpoint")  # fmt: skip
     return lr, note
 
 
@@ -208,9 +211,10 @@ def check_structure(state: Any, path: Path) -> None:
 
 
 def state_lr(state: Mapping[str, Any], path: Path) -> float:
-    lr = float(state["param_groups"][0]["lr"])
+    lr = float(state["param_groups"][0]["lr"])  # may be a 0-d tensor
     if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"{path}: param group 0 has lr = {lr}; expected a finite lr > 0")
+        raise ValueError(f"{path}: param group 0 has lr = {lr}: the next step moves nothing (the end of a "
+                         "decaying schedule?); probe an earlier checkpoint")  # fmt: skip
     return lr
 
 
