@@ -62,7 +62,7 @@ class ProbeResult:
 
     @classmethod
     def from_json(cls, text: str) -> ProbeResult:
-        return cls(**json.loads(text))
+        return cls(**{k: v for k, v in json.loads(text).items() if k in cls.__dataclass_fields__})
 
 
 @contextmanager
