@@ -7,8 +7,9 @@ surrogate's gradient is that of the per-token entropy rate).
 
 Two things bound where the comparison means anything. Large steps leave the linear range
 (actual/predicted drifts from 1). Tiny steps hit the fp32 noise floor: S is computed in the
-model's fp32, so a change smaller than about 2⁻²³·mean|c·S| (one rounding of each term of the
-surrogate) is rounding, not the model; `FirstOrderCheck.noise_floor` holds that estimate.
+model's fp32, so a change smaller than about 2⁻²³·sqrt(Σ(c·S)²)/(N·G) (independent roundings of
+the surrogate's N·G terms, averaged) is rounding, not the model; `FirstOrderCheck.noise_floor`
+holds that estimate.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def frozen_surrogate(model: FunctionalModel, batch: Batch, lora: Mapping[str, Te
             S = sequence_logprobs(model, theta, batch).double()
         return float(-(c * S).mean(1).mean())
 
-    floor = torch.finfo(torch.float32).eps * float((c * S0).abs().mean())
+    # independent fp32 roundings of the N·G terms c·S, averaged: eps·sqrt(Σ(c·S)²)/(N·G)
+    floor = torch.finfo(torch.float32).eps * float((c * S0).norm()) / S0.numel()
     return value, floor
 
 

@@ -73,7 +73,9 @@ def test_noise_floor_is_one_fp32_rounding_of_the_surrogate_terms(entropy_raising
     S0 = fp.sequence_logprobs(model, lora, batch).double()
     w = S0 / batch.max_lengths.double()[:, None]
     c = w - (w.sum(1, keepdim=True) - w) / (S0.shape[1] - 1)
-    assert check.noise_floor == pytest.approx(2.0**-23 * float((c * S0).abs().mean()), rel=1e-9)
+    terms = (c * S0).flatten().tolist()
+    expected = 2.0**-23 * sum(x * x for x in terms) ** 0.5 / len(terms)
+    assert check.noise_floor == pytest.approx(expected, rel=1e-9)
     assert check.noise_floor > 0
 
 
