@@ -139,6 +139,29 @@ def optimizer_state(args: argparse.Namespace):
     return state, state.preconditioner(), lr, shapes
 
 
+def check_adapter_fits(shapes: dict[str, tuple[int, ...]], model_dir: Path, adapter_dir: Path) -> None:
+    """Every LoRA factor fits its projection in `model_dir`'s config (before any weight is read)."""
+    from transformers import AutoConfig
+
+    from .model.decoder import DecoderConfig
+    from .model.loading import linear_shapes
+
+    cfg = DecoderConfig.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    dims = linear_shapes(cfg)
+    for name, shape in shapes.items():
+        layer, proj, ab = int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-4], name.split(".")[-3]
+        out_f, in_f = dims[proj]
+        fits = layer < cfg.num_layers and (shape[1] == in_f if ab == "lora_A" else shape[0] == out_f)
+        if not fits:
+            base = "another base model"
+            config = adapter_dir / "adapter_config.json"
+            if config.is_file():
+                base = json.loads(config.read_text()).get("base_model_name_or_path") or base
+            raise ValueError(f"{adapter_dir}: {name} has shape {list(shape)}, which does not fit {model_dir}'s "
+                             f"layer {layer} {proj} [out={out_f}, in={in_f}] of {cfg.num_layers} layers: the "
+                             f"adapter was made for {base}")  # fmt: skip
+
+
 def vocab_size_of(model_dir: Path) -> int:
     config = model_dir / "config.json"
     if not config.is_file():
@@ -165,6 +188,7 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
     say(state.order)
     model_dir = Path(args.model)
     vocab, tokenizer = vocab_size_of(model_dir), tokenizer_of(model_dir)
+    check_adapter_fits(shapes, model_dir, Path(args.adapter or args.checkpoint))
     E, U = (read_shard(path, tokenizer, vocab, rank, world, flag)
             for path, flag in ((args.eval, "--eval"), (args.update, "--update")))  # fmt: skip
     device, dtype = device_and_dtype(args, world)

@@ -198,3 +198,15 @@ def test_run_and_demo_accept_device_and_dtype():
         args = parser().parse_args(command + ["--device", "cpu", "--dtype", "bfloat16"])
         assert args.device == "cpu" and args.dtype == "bfloat16"
         assert parser().parse_args(command).dtype == "float32"
+
+
+def test_adapter_for_another_base_names_the_module_and_its_base(saved_run, tmp_path, capsys, no_model_load):
+    base_dir, adapter_dir, _, _ = saved_run
+    config = json.loads((base_dir / "config.json").read_text())
+    other = tmp_path / "wider"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    argv = run_args(saved_run, tmp_path, **{"--model": other})
+    assert_usage_error(argv, capsys, "layers.0.mlp.gate_proj.lora_B", "does not fit", "the adapter was made for",
+                       str(adapter_config.get("base_model_name_or_path") or "another base model"))  # fmt: skip
