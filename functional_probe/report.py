@@ -103,10 +103,11 @@ def first_order_warnings(check: FirstOrderCheck) -> list[str]:
     if check.holds(p):
         return []
     span = check.linear_range()
-    where = f"it holds for η in [{span[0]:.3g}, {span[1]:.3g}]" if span else "it held at no step checked"
+    where = (f"it holds for η in [{span[0]:.3g}, {span[1]:.3g}]: probe an lr in that range, or"
+             if span else "it held at no step checked above the noise floor:")  # fmt: skip
     return [f"η = {p.eta:.3g} is outside the range where the first-order picture holds: the actual change "
-            f"is {p.ratio:.3g}x the predicted (tolerance ±{TOLERANCE:.0%}); {where}. δH₁ is not this "
-            "step's change; probe a smaller lr"]  # fmt: skip
+            f"is {p.ratio:.3g}x the predicted (tolerance ±{TOLERANCE:.0%}); {where} read δH₁ as the slope "
+            "at θ, not as this step's change"]  # fmt: skip
 
 
 def format_probe(r: ProbeResult, v: Verdict | None = None) -> str:
@@ -188,7 +189,8 @@ def plot_first_order(check: FirstOrderCheck, path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points: list[FirstOrderPoint] = sorted(check.points, key=lambda p: p.eta)
+    points: list[FirstOrderPoint] = sorted(check.points + ([check.probed] if check.probed else []),
+                                           key=lambda p: p.eta)  # fmt: skip
     etas = [p.eta for p in points]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     plot_change(ax, etas, [p.predicted for p in points], "predicted  η·<μX, μY>", "C0")
@@ -200,8 +202,8 @@ def plot_first_order(check: FirstOrderCheck, path: Path,
                    label=f"fp32 noise floor {check.noise_floor:.1g}: below it, rounding of S")  # fmt: skip
     if check.probed is not None:
         ax.axvline(check.probed.eta, color="k", ls="--", lw=0.8, label=f"probed η = {check.probed.eta:.3g}")
-    ax.plot([], [], "k^", label="▲ change > 0 (entropy up)")
-    ax.plot([], [], "kv", mfc="white", label="▽ change < 0 (entropy down)")
+    ax.plot([], [], "k^", label="change > 0 (entropy up)")
+    ax.plot([], [], "kv", mfc="white", label="change < 0 (entropy down)")
     ax.set_xlabel("step size η (θ → θ + η·μY)")
     ax.set_ylabel("|change of the per-token entropy rate| (nats/token)")
     ax.set_title("Where the first-order prediction holds (the curves coincide)", fontsize=10)
