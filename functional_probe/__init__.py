@@ -73,8 +73,13 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'functional_probe' has no attribute {name!r}")
+    if name not in _EXPORTS:  # a submodule (fp.grads, fp.report, ...), as eager imports used to leave
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'functional_probe' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value

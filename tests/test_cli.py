@@ -210,3 +210,12 @@ def test_adapter_for_another_base_names_the_module_and_its_base(saved_run, tmp_p
     argv = run_args(saved_run, tmp_path, **{"--model": other})
     assert_usage_error(argv, capsys, "layers.0.mlp.gate_proj.lora_B", "does not fit", "the adapter was made for",
                        str(adapter_config.get("base_model_name_or_path") or "another base model"))  # fmt: skip
+
+
+def test_help_imports_neither_torch_nor_the_library():
+    """What keeps `functional-probe --help` fast: the parser is built without importing torch."""
+    code = ("import sys, functional_probe.cli as c; c.parser().format_help(); "
+            "import functional_probe as fp; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert callable(fp.probe) and fp.grads.mean_grad is fp.mean_grad")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
