@@ -13,8 +13,10 @@ column ``t`` is the token at column ``t + 1``. All masks are built from the leng
 never by comparing tokens with the pad id: a response may legitimately contain the pad
 or EOS id.
 
-Validation happens once, in :func:`make_batch`; every bad input raises ``ValueError``
-naming the offending prompt ``n`` / response ``g`` and what was expected. Token ids at
+Validation happens once, in :func:`make_batch`, with the checks of
+:mod:`functional_probe.validation` (the token validator is the one rollout files use too);
+every bad input raises ``ValueError`` naming the offending prompt ``n`` / response ``g`` and
+what was expected. Token ids at
 or above the vocabulary size are checked by :meth:`Batch.check_vocab`, because only the
 model knows the vocabulary.
 """
