@@ -2,6 +2,7 @@
 process for the rest (same parser, same exit codes, far cheaper)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -219,3 +220,20 @@ def test_help_imports_neither_torch_nor_the_library():
             "assert callable(fp.probe) and fp.grads.mean_grad is fp.mean_grad")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_force_lr_lets_a_far_lr_through(saved_run, tmp_path, capsys, monkeypatch):
+    def stop(*a, **k):
+        raise ValueError("stopped at the model load")
+
+    monkeypatch.setattr("functional_probe.model.load_model", stop)
+    assert main(run_args(saved_run, tmp_path, **{"--lr": "1e-2"}) + ["--force-lr"]) == 2
+    assert "stopped at the model load" in capsys.readouterr().err  # the lr check passed
+
+
+def test_demo_runs_in_the_requested_dtype(tmp_path):
+    argv = ["demo", "--quiet", "--prompts", "2", "--steps", "1", "--device", "cpu", "--dtype", "float64",
+            "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert main(argv) == 0
+    r = ProbeResult.from_json((tmp_path / "r.json").read_text())
+    assert r.B_E == 2 and math.isfinite(r.delta_h1) and r.se > 0
