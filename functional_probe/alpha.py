@@ -41,6 +41,7 @@ from .losses import x_losses, y_losses
 from .model import FunctionalModel
 from .model.functional import check_same_keys_and_shapes
 from .stats import Moments, moments
+from .validation import check_step_size
 
 METHODS = ("vjp", "jvp", "func_jvp", "vmap", "loop")
 
@@ -163,6 +164,7 @@ def alpha_variance(
     order (= the single-process order of the unsharded batch), on every rank. The 2-prompt
     rule applies to the global N (every rank raises).
     """
+    eta = check_step_size(eta, "alpha_variance: eta")
     kw = dict(model=model, direction=direction, method=method, weighting=weighting,
               microbatch=microbatch, temperature=temperature)  # fmt: skip
     if is_distributed(distributed):

@@ -13,8 +13,10 @@ column ``t`` is the token at column ``t + 1``. All masks are built from the leng
 never by comparing tokens with the pad id: a response may legitimately contain the pad
 or EOS id.
 
-Validation happens once, in :func:`make_batch`; every bad input raises ``ValueError``
-naming the offending prompt ``n`` / response ``g`` and what was expected. Token ids at
+Validation happens once, in :func:`make_batch`, with the checks of
+:mod:`functional_probe.validation` (the token validator is the one rollout files use too);
+every bad input raises ``ValueError`` naming the offending prompt ``n`` / response ``g`` and
+what was expected. Token ids at
 or above the vocabulary size are checked by :meth:`Batch.check_vocab`, because only the
 model knows the vocabulary.
 """
@@ -31,9 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .validation import INT64_MAX, as_list, check_advantages, check_max_lengths, check_tokens, is_int
+
 __all__ = ["Batch", "make_batch"]
 
-_INT64_MAX = 2**63 - 1
+NOT_TENSORS = ("pad_token_id", "has_advantages")
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +60,8 @@ class Batch:
             of prompt n); the Dr. GRPO normaliser of the X and Y losses.
         advantages: ``[N, G]`` float32 (zeros if not given).
         pad_token_id: the id written at pad positions (never used to build masks).
+        has_advantages: False when the batch was built without advantages (an evaluation
+            batch): the Y loss then refuses it instead of giving 0 ± 0.
     """
 
     input_ids: Tensor
@@ -67,6 +73,7 @@ class Batch:
     max_lengths: Tensor
     advantages: Tensor
     pad_token_id: int
+    has_advantages: bool = True
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 3:
@@ -161,14 +168,14 @@ class Batch:
         picked = {
             f.name: getattr(self, f.name).index_select(0, dev_rows)
             for f in fields(self)
-            if f.name != "pad_token_id"
+            if f.name not in NOT_TENSORS
         }
         real_cols = picked["attention_mask"].any(dim=1).any(dim=0)  # [T]
         cols = torch.nonzero(real_cols).reshape(-1)
         start, stop = int(cols[0]), int(cols[-1]) + 1
         for name in ("input_ids", "attention_mask", "response_mask", "position_ids"):
             picked[name] = picked[name][..., start:stop]
-        return Batch(pad_token_id=self.pad_token_id, **picked)
+        return Batch(pad_token_id=self.pad_token_id, has_advantages=self.has_advantages, **picked)
 
     def split(self, size: int) -> list[Batch]:
         """Consecutive microbatches of at most ``size`` prompts each, every one trimmed.
@@ -211,6 +218,14 @@ class Batch:
             where = f"prompt {n}, response {g}: response token {col - p}"
         raise ValueError(f"{where} has id {token}, outside the vocabulary [0, {int(vocab_size)})")
 
+    def require_advantages(self, what: str, loss: str = "y") -> None:
+        """Raise ValueError if ``loss`` is the Y loss and the batch carries no advantages
+        (``what`` names the caller)."""
+        if loss == "y" and not self.has_advantages:
+            raise ValueError(f"{what}: the batch has no advantages (make_batch(..., advantages=None) or a "
+                             "rollout file without 'advantages'/'rewards'); the Y loss of such a batch is "
+                             "0, so δH₁ would be 0 ± 0: pass the update batch's advantages")  # fmt: skip
+
     # ----------------------------------------------------------------- device
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with every tensor on ``device`` (dtypes unchanged)."""
@@ -219,131 +234,14 @@ class Batch:
             **{
                 f.name: getattr(self, f.name).to(device)
                 for f in fields(self)
-                if f.name != "pad_token_id"
+                if f.name not in NOT_TENSORS
             },
         )
 
 
 # ---------------------------------------------------------------------------------
-# construction
+# construction (the checks of each input live in functional_probe.validation)
 # ---------------------------------------------------------------------------------
-
-
-def _as_list(x: Any, what: str) -> list:
-    """``x`` as a Python list (tensors / arrays via ``tolist``), else ValueError."""
-    if isinstance(x, Tensor | np.ndarray):
-        if x.ndim == 0:
-            raise ValueError(f"{what} must be a sequence, got a 0-d {type(x).__name__}")
-        return x.tolist()
-    if isinstance(x, str | bytes) or not isinstance(x, Sequence):
-        raise ValueError(f"{what} must be a sequence, got {type(x).__name__}")
-    return list(x)
-
-
-def _is_int(t: Any) -> bool:
-    """True for Python / numpy integers, False for bools, floats, strings, None, ..."""
-    return isinstance(t, int | np.integer) and not isinstance(t, bool)
-
-
-def _tokens(seq: Any, what: str) -> list[int]:
-    """Validate one token sequence (non-empty, ints in [0, 2**63)) and return it."""
-    if isinstance(seq, Tensor | np.ndarray) and seq.ndim != 1:
-        raise ValueError(
-            f"{what} must be a 1-D sequence of token ids, got shape {tuple(seq.shape)}"
-        )
-    toks = _as_list(seq, what)
-    if len(toks) == 0:
-        raise ValueError(f"{what} is empty; expected at least one token id")
-    for i, t in enumerate(toks):
-        if not _is_int(t):
-            raise ValueError(
-                f"{what}, token {i}: expected an int token id, got {t!r} ({type(t).__name__})"
-            )
-        if t < 0:
-            raise ValueError(
-                f"{what}, token {i}: token id {int(t)} is negative; expected an id >= 0"
-            )
-        if t > _INT64_MAX:
-            raise ValueError(f"{what}, token {i}: token id {int(t)} does not fit in int64")
-    return [int(t) for t in toks]
-
-
-def _advantages(advantages: Any, n_prompts: int, group: int) -> Tensor:
-    """``advantages`` as a finite float32 ``[N, G]`` tensor, else ValueError."""
-    expected = f"[N, G] = [{n_prompts}, {group}]"
-    if isinstance(advantages, Tensor):
-        if advantages.is_complex() or advantages.dtype == torch.bool:
-            raise ValueError(f"advantages must be real numbers, got dtype {advantages.dtype}")
-        arr = advantages.detach().cpu().to(torch.float64)
-    else:
-        if not isinstance(advantages, np.ndarray):
-            rows = _as_list(advantages, "advantages")
-            if len(rows) != n_prompts:
-                raise ValueError(
-                    f"advantages has {len(rows)} rows, expected {expected} (one per prompt)"
-                )
-            for n, row in enumerate(rows):
-                if isinstance(row, str | bytes) or not hasattr(row, "__len__"):
-                    raise ValueError(
-                        f"advantages[{n}] must be a sequence of {group} numbers, "
-                        f"got {type(row).__name__}"
-                    )
-                if len(row) != group:
-                    raise ValueError(
-                        f"advantages[{n}] has {len(row)} entries, expected {group} "
-                        f"(one per response of prompt {n})"
-                    )
-        try:
-            np_arr = np.asarray(advantages, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"advantages must be real numbers, shape {expected}: {exc}") from exc
-        arr = torch.from_numpy(np_arr)
-    if tuple(arr.shape) != (n_prompts, group):
-        raise ValueError(f"advantages has shape {tuple(arr.shape)}, expected {expected}")
-    finite = torch.isfinite(arr)
-    if not bool(finite.all()):
-        n, g = (int(v) for v in torch.nonzero(~finite)[0])
-        raise ValueError(
-            f"advantages[{n}][{g}] (prompt {n}, response {g}) is {float(arr[n, g])}; "
-            "expected a finite number"
-        )
-    arr32 = arr.to(torch.float32)
-    finite32 = torch.isfinite(arr32)
-    if not bool(finite32.all()):
-        n, g = (int(v) for v in torch.nonzero(~finite32)[0])
-        raise ValueError(
-            f"advantages[{n}][{g}] (prompt {n}, response {g}) = {float(arr[n, g])} "
-            "overflows float32; expected a finite float32 number"
-        )
-    return arr32
-
-
-def _max_lengths(max_lengths: Any, resp_lens: list[list[int]]) -> Tensor:
-    """``max_lengths`` as float32 ``[N]``; each must be an int >= the longest response."""
-    n_prompts = len(resp_lens)
-    vals = _as_list(max_lengths, "max_lengths")
-    if len(vals) != n_prompts:
-        raise ValueError(
-            f"max_lengths has {len(vals)} entries, expected {n_prompts} (one per prompt)"
-        )
-    out = []
-    for n, v in enumerate(vals):
-        if not _is_int(v):
-            raise ValueError(
-                f"max_lengths[{n}] (prompt {n}) must be an int number of tokens, "
-                f"got {v!r} ({type(v).__name__})"
-            )
-        if v <= 0:
-            raise ValueError(f"max_lengths[{n}] (prompt {n}) is {int(v)}; expected > 0")
-        longest = max(resp_lens[n])
-        if v < longest:
-            g = resp_lens[n].index(longest)
-            raise ValueError(
-                f"max_lengths[{n}] (prompt {n}) is {int(v)}, shorter than response {g} of "
-                f"prompt {n} ({longest} tokens); expected max_lengths[{n}] >= {longest}"
-            )
-        out.append(float(v))
-    return torch.tensor(out, dtype=torch.float32)
 
 
 def make_batch(
@@ -363,7 +261,8 @@ def make_batch(
             every prompt. Responses may contain ``pad_token_id`` or EOS ids anywhere:
             masks and lengths come from the sequence lengths only.
         advantages: ``[N][G]`` real numbers (nested lists, numpy array or tensor), all
-            finite; stored as float32. Default: zeros.
+            finite; stored as float32. Default: zeros, with ``has_advantages=False`` (fine for
+            the X loss; the Y loss refuses the batch).
         pad_token_id: non-negative int written at pad positions.
         max_lengths: N ints, ``Lmax[n]`` in tokens, each ``>= `` the longest response of
             prompt n (a smaller value would make the Dr. GRPO weight of that response
@@ -382,10 +281,10 @@ def make_batch(
             wrong length, non-int, <= 0 or shorter than a response; a negative or non-int
             pad_token_id.
     """
-    if not _is_int(pad_token_id) or pad_token_id < 0 or pad_token_id > _INT64_MAX:
+    if not is_int(pad_token_id) or pad_token_id < 0 or pad_token_id > INT64_MAX:
         raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
-    prompt_list = _as_list(prompts, "prompts")
-    group_list = _as_list(responses, "responses")
+    prompt_list = as_list(prompts, "prompts")
+    group_list = as_list(responses, "responses")
     if len(prompt_list) == 0:
         raise ValueError("make_batch needs at least one prompt, got 0 (N == 0)")
     if len(group_list) != len(prompt_list):
@@ -395,7 +294,7 @@ def make_batch(
         )
     n_prompts = len(prompt_list)
 
-    prompt_toks = [_tokens(p, f"prompt {n}") for n, p in enumerate(prompt_list)]
+    prompt_toks = [check_tokens(p, f"prompt {n}") for n, p in enumerate(prompt_list)]
     resp_toks: list[list[list[int]]] = []
     group = -1
     for n, grp in enumerate(group_list):
@@ -404,25 +303,25 @@ def make_batch(
                 f"responses of prompt {n} must be G token sequences, got an array of shape "
                 f"{tuple(grp.shape)}"
             )
-        rs = _as_list(grp, f"responses of prompt {n}")
+        rs = as_list(grp, f"responses of prompt {n}")
         if len(rs) == 0:
             raise ValueError(f"prompt {n} has 0 responses, expected at least 1")
         if group < 0:
             group = len(rs)
         elif len(rs) != group:
             raise ValueError(f"prompt {n} has {len(rs)} responses, expected {group} like prompt 0")
-        resp_toks.append([_tokens(r, f"prompt {n}, response {g}") for g, r in enumerate(rs)])
+        resp_toks.append([check_tokens(r, f"prompt {n}, response {g}") for g, r in enumerate(rs)])
 
     resp_lens = [[len(r) for r in rs] for rs in resp_toks]
     adv = (
         torch.zeros(n_prompts, group, dtype=torch.float32)
         if advantages is None
-        else _advantages(advantages, n_prompts, group)
+        else check_advantages(advantages, n_prompts, group)
     )
     lmax = (
         torch.tensor([float(max(ls)) for ls in resp_lens], dtype=torch.float32)
         if max_lengths is None
-        else _max_lengths(max_lengths, resp_lens)
+        else check_max_lengths(max_lengths, resp_lens)
     )
 
     plen = torch.tensor([len(p) for p in prompt_toks], dtype=torch.int64)  # [N]
@@ -457,4 +356,5 @@ def make_batch(
         max_lengths=lmax,
         advantages=adv,
         pad_token_id=int(pad_token_id),
+        has_advantages=advantages is not None,
     )

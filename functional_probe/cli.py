@@ -1,32 +1,30 @@
 """Command line: `functional-probe demo | run | bench`.
 
-Bad input (missing paths, malformed JSONL, an optimizer state that does not match the
-adapter, token ids outside the vocabulary) exits with code 2 and a one-line message.
+Bad input (missing paths, malformed JSONL, an optimizer state that does not match the adapter,
+an lr far from the state's, token ids outside the vocabulary) exits with code 2 and a one-line
+message, before the model loads. torch and the library are imported only once a command runs,
+so `--help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-import torch
-
-from . import report
-from .batch import Batch
-from .distributed import local_device, process_group_from_env, shard_rollouts
-from .first_order import etas_for_relative_steps, first_order_check
-from .grads import mean_grad
-from .model import load_model, tiny_model
-from .precondition import AdamPreconditioner
-from .probe import probe
-from .rollouts import read_rollouts
-from .synthetic import sample_rollouts
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+RELATIVE_STEPS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # ‖η·μY‖ / ‖θ‖ of the first-order check
 
 
 def adamw_state(model, lora, U, *, lr: float, steps: int):
     """A real AdamW state: `steps` policy-gradient steps (minimising −mean Ly) on U."""
+    import torch
+
+    from .grads import mean_grad
+    from .precondition import AdamPreconditioner
+
     params = {k: torch.nn.Parameter(v.clone()) for k, v in lora.items()}
     opt = torch.optim.AdamW(params.values(), lr=lr)
     for _ in range(steps):
@@ -37,40 +35,66 @@ def adamw_state(model, lora, U, *, lr: float, steps: int):
     return {k: p.detach() for k, p in params.items()}, AdamPreconditioner.from_optimizer(opt, params)
 
 
+def device_and_dtype(args: argparse.Namespace, world: int = 1):
+    """--device (default: CUDA when available; under torchrun the rank's device) and --dtype."""
+    import torch
+
+    from .distributed import local_device
+
+    if args.device is not None:
+        device = torch.device(args.device)
+    elif world > 1:
+        device = local_device()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, getattr(torch, args.dtype)
+
+
 def demo(args: argparse.Namespace) -> int:
+    from . import report
+    from .model import tiny_model
+    from .probe import probe
+    from .synthetic import sample_rollouts
+    from .validation import check_step_size
+
+    check_step_size(args.lr, "--lr")
     say = report.Progress(quiet=args.quiet)
-    say("tiny NF4 model, sampled rollouts")
-    model = tiny_model(seed=args.seed, quantize="nf4")
+    device, dtype = device_and_dtype(args)
+    say(f"tiny NF4 model ({device}, {args.dtype}), sampled rollouts")
+    model = tiny_model(seed=args.seed, quantize="nf4", dtype=dtype, device=device)
     rollouts = sample_rollouts(model, model.lora, num_prompts=2 * args.prompts, group_size=4, seed=args.seed)
     batch = rollouts.to_batch()
     E, U = batch[: args.prompts], batch[args.prompts :]
     say(f"{args.steps} AdamW steps for an optimizer state")
     lora, pre = adamw_state(model, model.lora, U, lr=args.lr, steps=args.steps)
     result = probe(model, lora, E, U, preconditioner=pre, eta=args.lr, method=args.method, progress=say)
-    print(report.format_probe(result))
-    Path(args.out).write_text(result.to_json())
+    check = first_order(model, lora, E, U, pre, args.lr, say) if args.first_order else None
+    finish(args, result, check, say, None)
+    return 0
+
+
+def first_order(model, lora, E, U, pre, eta: float, say):
+    """The first-order check at RELATIVE_STEPS and at the probed η."""
+    from .first_order import etas_for_relative_steps, first_order_check
+
+    say("first-order check along θ + η·μY")
+    etas = etas_for_relative_steps(model, lora, U, pre, RELATIVE_STEPS)
+    return first_order_check(model, lora, E, U, pre, etas, probed_eta=eta)
+
+
+def finish(args, result, check, say, state_order: str | None) -> None:
+    """Print the verdict and table (and the first-order table and PNG), write the JSON."""
+    from . import report
+
+    v = report.verdict(result, check)
+    print(report.format_probe(result, v))
+    Path(args.out).write_text(report.result_json(result, v, check, state_order))
     say.done(f"wrote {args.out}")
-    if args.first_order:
-        etas = etas_for_relative_steps(model, lora, U, pre, [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
-        check = first_order_check(model, lora, E, U, pre, etas)
+    if check is not None:
         png = Path(args.out).with_suffix(".first_order.png")
         print(report.format_first_order(check))
         report.plot_first_order(check, png)
         say.done(f"wrote {png}")
-    return 0
-
-
-def load_optimizer_state(path: Path, names: list[str]) -> AdamPreconditioner:
-    if not path.is_file():
-        raise ValueError(f"{path}: optimizer state file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types; all mean "not a state dict"
-        raise ValueError(f"{path}: not a torch.save'd optimizer state_dict ({type(err).__name__})") from err
-    try:
-        return AdamPreconditioner.from_state_dict(state, names)
-    except ValueError as err:
-        raise ValueError(f"{path}: optimizer state does not match the adapter: {err}") from err
 
 
 def tokenizer_of(model_dir: Path):
@@ -84,42 +108,112 @@ def tokenizer_of(model_dir: Path):
 
 def run(args: argparse.Namespace) -> int:
     """`functional-probe run`; under torchrun (RANK, WORLD_SIZE set) one process per rank."""
+    from .distributed import process_group_from_env
+
     with process_group_from_env() as (rank, world):
         return run_ranked(args, rank, world)
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    for flag in ("model", "eval", "update", "adapter", "checkpoint", "optimizer_state"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+    if args.checkpoint and args.optimizer_state:
+        raise ValueError("give --checkpoint DIR (its optimizer.pt) or --optimizer-state FILE, not both")
+    if args.first_order and "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":
+        raise ValueError("--first-order runs in one process only (it re-evaluates the whole E), not under torchrun")
+    if not (args.adapter or args.checkpoint):
+        raise ValueError("run needs the adapter the optimizer state belongs to: --adapter DIR or --checkpoint DIR")
+
+
+def optimizer_state(args: argparse.Namespace):
+    """The optimizer state matched to the adapter, read before the model loads."""
+    from .optimizer_state import adapter_shapes, check_lr, read_optimizer_state
+
+    adapter = Path(args.adapter or args.checkpoint)
+    shapes = adapter_shapes(adapter)
+    source = args.checkpoint or args.optimizer_state or adapter / "optimizer.pt"
+    state = read_optimizer_state(source, shapes)
+    lr = check_lr(args.lr, state.lr, force=args.force_lr)
+    return state, state.preconditioner(), lr, shapes
+
+
+def check_adapter_fits(shapes: dict[str, tuple[int, ...]], model_dir: Path, adapter_dir: Path) -> None:
+    """Every LoRA factor fits its projection in `model_dir`'s config (before any weight is read)."""
+    from transformers import AutoConfig
+
+    from .model.decoder import DecoderConfig
+    from .model.loading import linear_shapes
+
+    cfg = DecoderConfig.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    dims = linear_shapes(cfg)
+    for name, shape in shapes.items():
+        layer, proj, ab = int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-4], name.split(".")[-3]
+        out_f, in_f = dims[proj]
+        fits = layer < cfg.num_layers and (shape[1] == in_f if ab == "lora_A" else shape[0] == out_f)
+        if not fits:
+            base = "another base model"
+            config = adapter_dir / "adapter_config.json"
+            if config.is_file():
+                base = json.loads(config.read_text()).get("base_model_name_or_path") or base
+            raise ValueError(f"{adapter_dir}: {name} has shape {list(shape)}, which does not fit {model_dir}'s "
+                             f"layer {layer} {proj} [out={out_f}, in={in_f}] of {cfg.num_layers} layers: the "
+                             f"adapter was made for {base}")  # fmt: skip
+
+
+def vocab_size_of(model_dir: Path) -> int:
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise ValueError(f"--model {model_dir}: no config.json: not a Hugging Face model directory")
+    cfg = json.loads(config.read_text())
+    vocab = cfg.get("vocab_size", cfg.get("text_config", {}).get("vocab_size"))
+    if not isinstance(vocab, int):
+        raise ValueError(f"{config}: no integer vocab_size")
+    return vocab
+
+
 def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
-    """Every rank loads the model and reads both files whole (so every rank validates the same
-    input and raises the same error), keeps its contiguous shard of E and U and runs the
-    probe; the collectives make the result global and identical, and rank 0 alone prints it
-    and writes the JSON."""
+    """Every rank validates everything (the optimizer state, both rollout files whole, token ids
+    against config.json's vocabulary) before loading the model, so every rank raises the same
+    error early; then it keeps its contiguous shard of E and U and runs the probe; the
+    collectives make the result global and identical, and rank 0 alone prints and writes."""
+    from . import report
+    from .model import load_model
+    from .probe import probe
+
     say = report.Progress(quiet=args.quiet or rank != 0)
-    for flag, path in (("--model", args.model), ("--eval", args.eval), ("--update", args.update)):
-        if not Path(path).exists():
-            raise ValueError(f"{flag} {path}: no such file or directory")
-    say("loading model" if world == 1 else f"loading model on each of {world} ranks")
-    model = load_model(args.model, args.adapter, quantize=args.quantize, device=local_device())
-    state_path = args.optimizer_state or (Path(args.adapter) / "optimizer.pt" if args.adapter else None)
-    if state_path is None:
-        raise ValueError("--optimizer-state is required (or an --adapter directory holding optimizer.pt)")
-    pre = load_optimizer_state(Path(state_path), list(model.lora))
-    tokenizer = tokenizer_of(Path(args.model))
-    E, U = (read_shard(path, tokenizer, model.vocab_size, rank, world) for path in (args.eval, args.update))
-    result = probe(
-        model, model.lora, E, U, preconditioner=pre, eta=args.lr, method=args.method,
-        microbatch=args.microbatch, progress=say,
-    )  # fmt: skip
+    check_paths(args)
+    state, pre, lr, shapes = optimizer_state(args)
+    say(state.order)
+    model_dir = Path(args.model)
+    vocab, tokenizer = vocab_size_of(model_dir), tokenizer_of(model_dir)
+    check_adapter_fits(shapes, model_dir, Path(args.adapter or args.checkpoint))
+    E, U = (read_shard(path, tokenizer, vocab, rank, world, flag)
+            for path, flag in ((args.eval, "--eval"), (args.update, "--update")))  # fmt: skip
+    device, dtype = device_and_dtype(args, world)
+    say(f"loading model ({device}, {args.dtype})" + ("" if world == 1 else f" on each of {world} ranks"))
+    model = load_model(model_dir, args.adapter or args.checkpoint, quantize=args.quantize, dtype=dtype,
+                       device=device)  # fmt: skip
+    if list(model.lora) != list(shapes):  # the order every positional state was matched against
+        raise ValueError(f"{args.adapter or args.checkpoint}: the model's LoRA order differs from the adapter file's")
+    result = probe(model, model.lora, E, U, preconditioner=pre, eta=lr, method=args.method,
+                   microbatch=args.microbatch, progress=say)  # fmt: skip
+    check = first_order(model, model.lora, E, U, pre, lr, say) if args.first_order else None
     if rank == 0:
-        print(report.format_probe(result))
-        Path(args.out).write_text(result.to_json())
-        say.done(f"wrote {args.out}")
+        finish(args, result, check, say, state.order)
     return 0
 
 
-def read_shard(path: str, tokenizer, vocab_size: int, rank: int, world: int) -> Batch | None:
-    """Read and validate the whole rollout file (token ids against the vocabulary too, with
-    the file's prompt numbering), then keep this rank's shard; None if it is empty."""
+def read_shard(path: str, tokenizer, vocab_size: int, rank: int, world: int, flag: str):
+    """Read and validate the whole rollout file (token ids against the vocabulary too, with the
+    file's prompt numbering), then keep this rank's shard as a Batch; None if it is empty."""
+    from .distributed import shard_rollouts
+    from .rollouts import read_rollouts
+
     rollouts = read_rollouts(path, tokenizer=tokenizer)
+    if flag == "--update" and not rollouts.has_advantages:
+        raise ValueError(f"--update {path}: no line has 'advantages' or 'rewards'; the update batch needs them")
     for n, (prompt, group) in enumerate(zip(rollouts.prompts, rollouts.responses, strict=True)):
         for what, ids in [("prompt", prompt)] + [(f"response {g}", r) for g, r in enumerate(group)]:
             bad = [t for t in ids if t >= vocab_size]
@@ -132,24 +226,33 @@ def read_shard(path: str, tokenizer, vocab_size: int, rank: int, world: int) -> 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="functional-probe", description="First-order entropy probe of one RL step."
+        prog="functional-probe",
+        description="First-order entropy probe of one RL step: δH₁ ± SE, the predicted change of the "
+        "per-token entropy rate (nats/token) that the next optimizer step causes.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="the whole probe on the embedded tiny NF4 model")
     d.add_argument("--prompts", type=int, default=8, help="prompts in each of E and U")
     d.add_argument("--steps", type=int, default=3, help="AdamW steps before probing")
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--first-order", action="store_true", help="also check the first-order picture")
+    d.add_argument("--lr", type=float, default=1e-3, help="AdamW lr, also the probed step size η")
     r = sub.add_parser("run", help="the probe on local checkpoints")
-    r.add_argument("--model", required=True, help="Hugging Face model directory")
-    r.add_argument("--adapter", help="PEFT LoRA adapter directory")
+    r.add_argument("--model", required=True, help="Hugging Face model directory (its tokenizer reads text)")
+    r.add_argument("--adapter", help="PEFT LoRA adapter directory (default: --checkpoint's)")
+    r.add_argument("--checkpoint", help="a Trainer/TRL checkpoint-N/ directory: adapter, optimizer.pt, scheduler.pt")
+    r.add_argument("--optimizer-state", help="an AdamW state file: save_optimizer_state's (named) or a bare "
+                   "optimizer.state_dict() (default: ADAPTER/optimizer.pt)")  # fmt: skip
+    r.add_argument("--lr", type=float, default=None,
+                   help="the step size η (default: the optimizer state's lr of the next step)")  # fmt: skip
+    r.add_argument("--force-lr", action="store_true", help="accept an --lr more than 2x from the state's")
     r.add_argument("--quantize", choices=["nf4"], default=None)
-    r.add_argument("--optimizer-state", help="torch.save'd AdamW state_dict (default: ADAPTER/optimizer.pt)")
-    r.add_argument("--lr", type=float, required=True, help="the step size η (AdamW learning rate)")
-    r.add_argument("--eval", required=True, help="evaluation rollouts E (JSONL)")
-    r.add_argument("--update", required=True, help="update rollouts U (JSONL)")
+    r.add_argument("--eval", required=True, help="evaluation rollouts E (JSONL; advantages not needed)")
+    r.add_argument("--update", required=True, help="update rollouts U (JSONL, with advantages or rewards)")
     r.add_argument("--microbatch", type=int, default=None)
     for q in (d, r):
+        q.add_argument("--first-order", action="store_true",
+                       help="also check where the linear prediction holds (table + PNG)")  # fmt: skip
+        q.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+        q.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the model")
         q.add_argument("--method", default="jvp", choices=["jvp", "vjp", "func_jvp", "vmap", "loop"])
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", default="probe_result.json", help="where to write the JSON result")

@@ -2,7 +2,14 @@
 
 For each η the LoRA dict θ + η·μY is passed through `functional_call` (nothing is updated in
 place), the mean X surrogate is re-evaluated with its coefficients c frozen at θ, and the
-actual change is set against the linear prediction η·<μX, μY>.
+actual change is set against the linear prediction η·<μX, μY> (both in nats per token: the
+surrogate's gradient is that of the per-token entropy rate).
+
+Two things bound where the comparison means anything. Large steps leave the linear range
+(actual/predicted drifts from 1). Tiny steps hit the fp32 noise floor: S is computed in the
+model's fp32, so a change smaller than about 2⁻²³·sqrt(Σ(c·S)²)/(N·G) (independent roundings of
+the surrogate's N·G terms, averaged) is rounding, not the model; `FirstOrderCheck.noise_floor`
+holds that estimate.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from .logprobs import sequence_logprobs
 from .losses import x_losses
 from .model import FunctionalModel
 from .probe import Preconditioner
+from .validation import check_step_size
 
 
 @dataclass(frozen=True)
@@ -31,13 +39,36 @@ class FirstOrderPoint:
     ratio: float  # actual / predicted
 
 
+TOLERANCE = 0.1  # the first-order picture holds where |actual/predicted − 1| ≤ this
+FLOOR_MARGIN = 10.0  # a point counts only when |predicted| ≥ this × the noise floor
+
+
 @dataclass(frozen=True)
 class FirstOrderCheck:
+    """Points along θ + η·μY; `probed` is the point at the η the probe reports (if given).
+
+    `noise_floor` (nats per token): changes below it are fp32 rounding of S.
+    """
+
     bars_dot: float
     points: list[FirstOrderPoint]
+    noise_floor: float = 0.0
+    probed: FirstOrderPoint | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def usable(self, p: FirstOrderPoint) -> bool:
+        """The prediction is far enough above the fp32 floor for the ratio to mean something."""
+        return abs(p.predicted) >= FLOOR_MARGIN * self.noise_floor
+
+    def holds(self, p: FirstOrderPoint) -> bool:
+        return self.usable(p) and abs(p.ratio - 1.0) <= TOLERANCE
+
+    def linear_range(self) -> tuple[float, float] | None:
+        """(smallest, largest) η of the usable points where the first-order picture holds."""
+        good = [p.eta for p in self.points if self.holds(p)]
+        return (min(good), max(good)) if good else None
 
 
 def frozen_surrogate(model: FunctionalModel, batch: Batch, lora: Mapping[str, Tensor], weighting: str):
@@ -51,7 +82,9 @@ def frozen_surrogate(model: FunctionalModel, batch: Batch, lora: Mapping[str, Te
             S = sequence_logprobs(model, theta, batch).double()
         return float(-(c * S).mean(1).mean())
 
-    return value
+    # independent fp32 roundings of the N·G terms c·S, averaged: eps·sqrt(Σ(c·S)²)/(N·G)
+    floor = torch.finfo(torch.float32).eps * float((c * S0).norm()) / S0.numel()
+    return value, floor
 
 
 def first_order_check(
@@ -63,24 +96,31 @@ def first_order_check(
     etas: Sequence[float],
     *,
     weighting: str = "dr_grpo",
+    probed_eta: float | None = None,
 ) -> FirstOrderCheck:
-    """Actual against predicted change of the mean X surrogate along the step η·μY, for each η."""
+    """Actual against predicted change of the mean X surrogate along the step η·μY, for each η
+    of `etas` and at `probed_eta` (the probe's η; `FirstOrderCheck.probed`)."""
+    etas = [check_step_size(eta, f"first_order_check: eta {eta!r}") for eta in etas]
+    if probed_eta is not None:
+        probed_eta = check_step_size(probed_eta, "first_order_check: probed_eta")
     mu_x = mean_grad(model, lora, E, loss="x", weighting=weighting)
     mu_y = mean_grad(model, lora, U, loss="y", preconditioner=preconditioner)
     bars_dot = dot64(mu_x, mu_y)
     theta_norm = math.sqrt(float(dot(lora, lora)))
     step_norm = math.sqrt(float(dot(mu_y, mu_y)))
-    surrogate = frozen_surrogate(model, E, lora, weighting)
+    surrogate, floor = frozen_surrogate(model, E, lora, weighting)
     base = surrogate(lora)
-    points = []
-    for eta in etas:
+
+    def point(eta: float) -> FirstOrderPoint:
         actual = surrogate({k: lora[k] + eta * mu_y[k].to(lora[k].dtype) for k in lora}) - base
         predicted = eta * bars_dot
-        points.append(FirstOrderPoint(
-            eta=float(eta), relative_step=abs(eta) * step_norm / theta_norm, predicted=predicted,
+        return FirstOrderPoint(
+            eta=eta, relative_step=eta * step_norm / theta_norm, predicted=predicted,
             actual=actual, ratio=actual / predicted if predicted else math.nan,
-        ))  # fmt: skip
-    return FirstOrderCheck(bars_dot=bars_dot, points=points)
+        )  # fmt: skip
+
+    probed = None if probed_eta is None else point(probed_eta)
+    return FirstOrderCheck(bars_dot=bars_dot, points=[point(e) for e in etas], noise_floor=floor, probed=probed)
 
 
 def etas_for_relative_steps(

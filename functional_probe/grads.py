@@ -39,6 +39,7 @@ def per_prompt_loss_fn(
     prompts as well as differentiated.
     """
     prompt_end = batch.prompt_end
+    batch.require_advantages("the Y loss (loss='y')", loss)
 
     def losses(lora, ids, mask, pos, response, lmax, lengths, adv) -> Tensor:
         S = grouped_logprobs(

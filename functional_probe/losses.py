@@ -95,6 +95,7 @@ def y_losses(S: Tensor, batch: Batch) -> Tensor:
         ValueError: ``S`` not a floating ``[N, G]`` tensor matching the batch.
     """
     S = _checked(S, batch, "y_losses")
+    batch.require_advantages("y_losses")
     return y_loss_values(S, batch.advantages, batch.max_lengths)
 
 

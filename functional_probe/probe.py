@@ -80,7 +80,7 @@ class ProbeResult:
 
     @classmethod
     def from_json(cls, text: str) -> ProbeResult:
-        return cls(**json.loads(text))
+        return cls(**{k: v for k, v in json.loads(text).items() if k in cls.__dataclass_fields__})
 
 
 @contextmanager
@@ -178,6 +178,7 @@ def probe(
         require_batch(b, "probe")
         if len(b) < 2:
             raise ValueError(f"the probe needs at least 2 prompts in {name} for a variance, got {len(b)}")
+    U.require_advantages("probe: the update batch U")
     timings: dict[str, float] = {}
     mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, n_u=len(U), distributed=False,
                                    **kw)  # fmt: skip

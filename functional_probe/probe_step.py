@@ -18,6 +18,7 @@ from torch.nn import Parameter
 from .batch import Batch
 from .grads import dot64, microbatches, per_sample_grads
 from .optim_step import AdamState, NextStep, clip_factor, group_lrs
+from .validation import check_step_size
 
 Preconditioner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 Dict = dict[str, Tensor]
@@ -110,7 +111,7 @@ def step_of(
         if max_grad_norm is not None or lr is not None:
             raise ValueError("max_grad_norm= and lr= are for step='optimizer'; the preconditioned step "
                              "is η·P(g) with eta=")  # fmt: skip
-        return PreconditionedStep(preconditioner, float(eta))
+        return PreconditionedStep(preconditioner, check_step_size(eta, "probe: eta"))
     if optimizer is None or preconditioner is not None or eta is not None:
         raise ValueError("step='optimizer' needs optimizer= (a live optimizer with named_params=, or an "
                          "AdamState) and no preconditioner=/eta= (η is the optimizer's lr)")  # fmt: skip
@@ -124,8 +125,7 @@ def step_of(
         state = AdamState.from_optimizer(optimizer, named_params)
     state.check_shapes({k: v.shape for k, v in lora.items()})
     out = OptimizerStep(state, max_grad_norm, lr, v_y)
-    if out.eta == 0.0:
-        raise ValueError("the optimizer's first param group has lr = 0: no step to probe")
+    check_step_size(out.eta, "the optimizer's lr (param group 0, the η of δH₁)")
     clip_factor({}, max_grad_norm)  # validates max_grad_norm now
     return out
 

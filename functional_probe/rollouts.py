@@ -8,6 +8,9 @@ One prompt per line, as a JSON object::
      "rewards": [floats],                       # centred per prompt: A = r − mean_g r
      "max_length": int}                         # optional Lmax for this prompt (Dr. GRPO)
 
+* An evaluation file (E) needs neither ``advantages`` nor ``rewards``: the X loss does not use
+  them. Then no line may carry them, ``Rollouts.has_advantages`` is False and the batch it
+  gives refuses the Y loss (an update file U must carry them).
 * ``rewards`` become advantages as in GRPO, **centred only, not divided by the group's
   standard deviation**: ``A[g] = r[g] − (1/G) Σ_g' r[g']``. Give ``advantages`` for any
   other normalisation.
@@ -17,6 +20,7 @@ One prompt per line, as a JSON object::
 * ``max_length``, where given, must be ``>=`` the longest response of its line (in
   tokens). If only some lines give it, the others get their longest response, which is
   also what :func:`functional_probe.batch.make_batch` uses by default.
+* Text needs a tokenizer: on the command line, the one in ``--model``'s directory.
 * Blank lines are skipped; keys other than the ones above are ignored.
 
 Every problem raises ``ValueError`` whose message starts with ``path:line_no:``.
@@ -33,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .validation import check_tokens, is_int
+
 if TYPE_CHECKING:
     from functional_probe.batch import Batch
 
@@ -48,9 +54,11 @@ class Rollouts:
     Attributes:
         prompts: ``[N]`` token-id lists, each non-empty.
         responses: ``[N][G]`` token-id lists, each non-empty; G is the same for all prompts.
-        advantages: ``[N][G]`` finite floats (already centred if they came from rewards).
+        advantages: ``[N][G]`` finite floats (already centred if they came from rewards);
+            zeros when ``has_advantages`` is False.
         max_lengths: ``[N]`` ints ``Lmax[n] >=`` longest response of prompt n, or ``None``
             (then Lmax is the longest response, decided by ``make_batch``).
+        has_advantages: False for an evaluation file without advantages or rewards.
 
     Construction validates the structure (ValueError naming ``prompt n`` / ``response g``).
     """
@@ -59,6 +67,7 @@ class Rollouts:
     responses: list[list[list[int]]]
     advantages: list[list[float]]
     max_lengths: list[int] | None = None
+    has_advantages: bool = True
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
@@ -91,26 +100,18 @@ class Rollouts:
         """``functional_probe.batch.make_batch`` of these rollouts, advantages and Lmax included."""
         from functional_probe.batch import make_batch
 
-        return make_batch(self.prompts, self.responses, advantages=self.advantages,
+        advantages = self.advantages if self.has_advantages else None
+        return make_batch(self.prompts, self.responses, advantages=advantages,
                           pad_token_id=pad_token_id, max_lengths=self.max_lengths)
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _check_ids(ids: Any, what: str, where: str) -> list[int]:
     if not isinstance(ids, list | tuple):
         raise ValueError(f"{where}{what} must be a list of token ids, got {type(ids).__name__}")
-    if not ids:
-        raise ValueError(f"{where}{what} is empty")
-    for j, t in enumerate(ids):
-        if not _is_int(t) or t < 0:
-            raise ValueError(f"{where}{what} token {j} is {t!r}, expected a non-negative int id")
-    return ids
+    return check_tokens(ids, f"{where}{what}")
 
 
 def _check_group(group: Any, where: str) -> None:
@@ -137,7 +138,7 @@ def _check_numbers(values: Any, key: str, count: int, where: str) -> list[float]
 
 def _check_max_length(m: Any, group: list[list[int]], where: str) -> int:
     longest = max(len(r) for r in group)
-    if not _is_int(m) or m < longest:
+    if not is_int(m) or m < longest:
         raise ValueError(f"{where}max_length is {m!r}, expected an int >= the longest "
                          f"response ({longest} tokens)")
     return m
@@ -150,32 +151,33 @@ def _tokens(value: Any, what: str, where: str, line_no: int,
             tokenizer: Tokenizer | None) -> list[int]:
     if isinstance(value, str):
         if tokenizer is None:
-            raise ValueError(f"{where}line {line_no} has text ({what}); pass a tokenizer from "
-                             "the model directory")
+            raise ValueError(f"{where}line {line_no} has text ({what}) and there is no tokenizer: "
+                             "write token ids instead, or put the tokenizer files (tokenizer.json) in "
+                             "--model's directory (from Python: read_rollouts(..., tokenizer=...))")
         value = [int(t) for t in tokenizer(value, add_special_tokens=False)["input_ids"]]
     return _check_ids(value, what, where)
 
 
 def _parse_line(obj: Any, where: str, line_no: int, tokenizer: Tokenizer | None,
-                ) -> tuple[list[int], list[list[int]], list[float], int | None]:
-    """One JSON object -> (prompt ids, G response ids, G advantages, max_length or None)."""
+                ) -> tuple[list[int], list[list[int]], list[float] | None, int | None]:
+    """One JSON object -> (prompt ids, G response ids, G advantages or None, max_length or None)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}expected a JSON object, got {type(obj).__name__}")
     for key in ("prompt", "responses"):
         if key not in obj:
             raise ValueError(f"{where}missing key {key!r}")
     has_adv, has_rew = "advantages" in obj, "rewards" in obj
-    if has_adv == has_rew:
-        raise ValueError(f"{where}give exactly one of 'advantages' and 'rewards', got "
-                         f"{'both' if has_adv else 'neither'}")
+    if has_adv and has_rew:
+        raise ValueError(f"{where}give one of 'advantages' and 'rewards', got both")
     prompt = _tokens(obj["prompt"], "prompt", where, line_no, tokenizer)
     raw = obj["responses"]
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"{where}responses must be a non-empty list")
     group = [_tokens(r, f"response {g}", where, line_no, tokenizer) for g, r in enumerate(raw)]
+    adv = None
     if has_adv:
         adv = _check_numbers(obj["advantages"], "advantages", len(group), where)
-    else:
+    elif has_rew:
         rewards = _check_numbers(obj["rewards"], "rewards", len(group), where)
         mean = math.fsum(rewards) / len(rewards)
         adv = [r - mean for r in rewards]
@@ -193,8 +195,8 @@ def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None =
         tokenizer: a Hugging Face tokenizer, needed only if a line holds text.
 
     Returns:
-        Rollouts with advantages (rewards centred per prompt) and ``max_lengths`` if any line
-        gives ``max_length`` (else ``None``).
+        Rollouts with advantages (rewards centred per prompt; none in the whole file gives
+        ``has_advantages=False``) and ``max_lengths`` if any line gives ``max_length`` (else ``None``).
 
     Raises:
         ValueError: ``path:line_no: what was wrong`` for the first bad line; also for a
@@ -210,7 +212,7 @@ def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None =
 
     prompts: list[list[int]] = []
     responses: list[list[list[int]]] = []
-    advantages: list[list[float]] = []
+    advantages: list[list[float] | None] = []
     given: list[int | None] = []
     first_line = 0
     for line_no, line in enumerate(text.splitlines(), start=1):
@@ -227,6 +229,10 @@ def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None =
         elif len(group) != len(responses[0]):
             raise ValueError(f"{where}line {line_no} has G = {len(group)} responses but line "
                              f"{first_line} has G = {len(responses[0])}")
+        elif (adv is None) != (advantages[0] is None):
+            raise ValueError(f"{where}line {line_no} {'has no' if adv is None else 'has'} advantages/rewards "
+                             f"but line {first_line} {'has' if adv is None else 'has none'}: give them on "
+                             "every line (an update file) or on none (an evaluation file)")  # fmt: skip
         prompts.append(prompt)
         responses.append(group)
         advantages.append(adv)
@@ -237,6 +243,9 @@ def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None =
     if any(m is not None for m in given):
         max_lengths = [m if m is not None else max(len(r) for r in grp)
                        for m, grp in zip(given, responses, strict=True)]
+    if advantages[0] is None:
+        zeros = [[0.0] * len(grp) for grp in responses]
+        return Rollouts(prompts, responses, zeros, max_lengths, has_advantages=False)
     return Rollouts(prompts, responses, advantages, max_lengths)
 
 
@@ -256,8 +265,9 @@ def write_rollouts(path: str | os.PathLike[str], rollouts: Rollouts) -> None:
             obj: dict[str, Any] = {
                 "prompt": [int(t) for t in rollouts.prompts[i]],
                 "responses": [[int(t) for t in r] for r in rollouts.responses[i]],
-                "advantages": [float(a) for a in rollouts.advantages[i]],
             }
+            if rollouts.has_advantages:
+                obj["advantages"] = [float(a) for a in rollouts.advantages[i]]
             if rollouts.max_lengths is not None:
                 obj["max_length"] = int(rollouts.max_lengths[i])
             f.write(json.dumps(obj, allow_nan=False) + "\n")

@@ -389,3 +389,29 @@ R2 = [[[4], [5, 6]], [[7], [8]]]
 def test_bad_input_raises_naming_the_index(prompts, responses, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         make_batch(prompts, responses, **kwargs)
+
+
+def test_batch_records_whether_advantages_were_given():
+    prompts, responses = [[1, 2], [3]], [[[4], [5, 6]], [[7], [8]]]
+    assert make_batch(prompts, responses, advantages=[[1.0, -1.0], [0.5, -0.5]]).has_advantages
+    without = make_batch(prompts, responses)
+    assert not without.has_advantages
+    assert not without[1:].has_advantages and not without.split(1)[0].has_advantages
+    assert not without.to("cpu").has_advantages
+
+
+def test_update_batch_without_advantages_is_refused_not_zero(tiny_fp32):
+    """make_batch(..., advantages=None) used for the Y loss would give μY = 0 and δH₁ = 0 ± 0."""
+    import functional_probe as fp
+
+    prompts, responses = [[1, 2], [3, 4, 5]], [[[4, 9], [5, 6]], [[7], [8, 2]]]
+    E, U = make_batch(prompts, responses), make_batch(prompts, responses)
+    S = fp.sequence_logprobs(tiny_fp32, tiny_fp32.lora, U)
+    assert float(fp.x_losses(S, E).abs().max()) > 0  # the X loss needs no advantages
+    with pytest.raises(ValueError, match="y_losses: the batch has no advantages"):
+        fp.y_losses(S, U)
+    with pytest.raises(ValueError, match=r"the Y loss \(loss='y'\): the batch has no advantages"):
+        fp.mean_grad(tiny_fp32, tiny_fp32.lora, U, loss="y")
+    with pytest.raises(ValueError, match="probe: the update batch U: the batch has no advantages"):
+        fp.probe(tiny_fp32, tiny_fp32.lora, E, U, preconditioner=lambda g: g, eta=1e-3)
+

@@ -57,3 +57,32 @@ def test_actual_change_is_the_model_at_the_shifted_dict(entropy_raising_update):
     expected = float((-(c * S1).mean(1) + (c * S0).mean(1)).mean())
     assert check.points[0].actual == pytest.approx(expected, rel=1e-9)
     assert check.bars_dot == pytest.approx(float(dot(fp.mean_grad(model, lora, batch), mu_y)), rel=1e-6)
+
+
+def test_probed_eta_is_evaluated_like_any_other_point(entropy_raising_update):
+    model, lora, batch, pre = entropy_raising_update
+    etas = etas_for_relative_steps(model, lora, batch, pre, [1e-3])
+    check = first_order_check(model, lora, batch, batch, pre, etas, probed_eta=etas[0])
+    assert check.probed == check.points[0]
+    assert check.holds(check.probed) and check.linear_range() == (etas[0], etas[0])
+
+
+def test_noise_floor_is_one_fp32_rounding_of_the_surrogate_terms(entropy_raising_update):
+    model, lora, batch, pre = entropy_raising_update
+    check = first_order_check(model, lora, batch, batch, pre, [1e-3])
+    S0 = fp.sequence_logprobs(model, lora, batch).double()
+    w = S0 / batch.max_lengths.double()[:, None]
+    c = w - (w.sum(1, keepdim=True) - w) / (S0.shape[1] - 1)
+    terms = (c * S0).flatten().tolist()
+    expected = 2.0**-23 * sum(x * x for x in terms) ** 0.5 / len(terms)
+    assert check.noise_floor == pytest.approx(expected, rel=1e-9)
+    assert check.noise_floor > 0
+
+
+@pytest.mark.parametrize("eta", [0.0, -1e-3, float("nan")])
+def test_step_sizes_that_are_not_positive_numbers_are_refused(entropy_raising_update, eta):
+    model, lora, batch, pre = entropy_raising_update
+    with pytest.raises(ValueError, match="first_order_check: eta .*expected a finite step size > 0"):
+        first_order_check(model, lora, batch, batch, pre, [1e-3, eta])
+    with pytest.raises(ValueError, match="first_order_check: probed_eta=.*expected a finite"):
+        first_order_check(model, lora, batch, batch, pre, [1e-3], probed_eta=eta)

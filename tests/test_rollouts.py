@@ -75,8 +75,8 @@ BAD_CASES = [
     ("[1, 2]", "expected a JSON object"),
     ({"responses": [[1]], "advantages": [0.0]}, "missing key 'prompt'"),
     ({"prompt": [1], "advantages": [0.0]}, "missing key 'responses'"),
-    ({**GOOD, "rewards": [1.0, 0.0]}, "exactly one of 'advantages' and 'rewards', got both"),
-    ({"prompt": [1], "responses": [[2]]}, "got neither"),
+    ({**GOOD, "rewards": [1.0, 0.0]}, "give one of 'advantages' and 'rewards', got both"),
+    ({"prompt": [1], "responses": [[2], [3]]}, "line 3 has no advantages/rewards but line 1 has"),
     ({**GOOD, "advantages": [0.5]}, "advantages has 1 values for 2 responses"),
     ('{"prompt": [1], "responses": [[2]], "advantages": [NaN]}', r"advantages\[0\] is not finite"),
     ('{"prompt": [1], "responses": [[2]], "rewards": [Infinity]}', r"rewards\[0\] is not finite"),
@@ -85,11 +85,11 @@ BAD_CASES = [
     ({**GOOD, "prompt": []}, "prompt is empty"),
     ({**GOOD, "responses": [[1], []]}, "response 1 is empty"),
     ({**GOOD, "responses": []}, "responses must be a non-empty list"),
-    ({**GOOD, "prompt": [1, 2.0]}, "prompt token 1 is 2.0, expected a non-negative int"),
-    ({**GOOD, "prompt": [1, -3]}, "prompt token 1 is -3"),
-    ({**GOOD, "responses": [[1], [True]]}, "response 1 token 0 is True"),
+    ({**GOOD, "prompt": [1, 2.0]}, r"prompt, token 1: expected an int token id, got 2.0"),
+    ({**GOOD, "prompt": [1, -3]}, "prompt, token 1: token id -3 is negative"),
+    ({**GOOD, "responses": [[1], [True]]}, "response 1, token 0: expected an int token id, got True"),
     ({**GOOD, "prompt": {"ids": [1]}}, "prompt must be a list of token ids, got dict"),
-    ({**GOOD, "prompt": "hello world"}, "line 3 has text .*pass a tokenizer from the model"),
+    ({**GOOD, "prompt": "hello world"}, "line 3 has text .*no tokenizer: write token ids instead, or put the tokenizer .*--model's directory"),
     ({**GOOD, "responses": [[1], "hi"]}, "line 3 has text \\(response 1\\)"),
     ({**GOOD, "max_length": 1}, r"max_length is 1, expected an int >= the longest .*\(2 tokens\)"),
     ({**GOOD, "max_length": 4.0}, "max_length is 4.0"),
@@ -187,3 +187,16 @@ def test_to_batch(tmp_path: Path) -> None:
             assert value.equal(other), name
         else:
             assert value == other, name
+
+
+def test_evaluation_file_needs_no_advantages(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "E.jsonl", [{"prompt": [1, 2], "responses": [[3], [4, 5]]},
+                                              {"prompt": [6], "responses": [[7, 8], [9]]}])
+    r = read_rollouts(path)
+    assert not r.has_advantages and r.advantages == [[0.0, 0.0], [0.0, 0.0]]
+    assert not r.to_batch().has_advantages
+    write_rollouts(tmp_path / "again.jsonl", r)
+    assert "advantages" not in (tmp_path / "again.jsonl").read_text()
+    assert read_rollouts(tmp_path / "again.jsonl") == r
+    with_adv = read_rollouts(write_lines(tmp_path / "U.jsonl", [GOOD]))
+    assert with_adv.has_advantages and with_adv.to_batch().has_advantages
