@@ -196,7 +196,7 @@ def draw(
 
 
 def check_sampling_args(model: FunctionalModel, prompts, samples_per_prompt, max_new_tokens, eos_token_id,
-                        seed, prompt_keys) -> tuple[list[list[int]], list[int], list[int]]:  # fmt: skip
+                        seed, prompt_keys, max_rows) -> tuple[list[list[int]], list[int], list[int]]:  # fmt: skip
     """Validated (prompts, EOS ids, prompt keys); ValueError names the offending item."""
     def positive(name, v):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -204,6 +204,7 @@ def check_sampling_args(model: FunctionalModel, prompts, samples_per_prompt, max
 
     positive("samples_per_prompt", samples_per_prompt)
     positive("max_new_tokens", max_new_tokens)
+    positive("max_rows", max_rows)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r}; expected a non-negative int")
     vocab = model.vocab_size
@@ -252,7 +253,7 @@ def sample(
     temperature = check_temperature(temperature)
     top_k, top_p = check_filters(top_k, top_p, model.vocab_size)
     prompts, eos, keys = check_sampling_args(model, prompts, samples_per_prompt, max_new_tokens,
-                                             eos_token_id, seed, prompt_keys)  # fmt: skip
+                                             eos_token_id, seed, prompt_keys, max_rows)  # fmt: skip
     n_prompts, g_size = len(prompts), samples_per_prompt
     tokens = torch.zeros(n_prompts * g_size, max_new_tokens, dtype=torch.long)
     lengths = torch.zeros(n_prompts * g_size, dtype=torch.long)

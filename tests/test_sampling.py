@@ -157,6 +157,7 @@ def test_eos_ends_a_response_and_max_new_tokens_bounds_it():
         (dict(prompts=[[1], [9]]), "prompt 1"),
         (dict(prompts=[[1], []]), "prompt 1"),
         (dict(prompt_keys=[0]), "prompt_keys"),
+        (dict(max_rows=0), "max_rows=0"),
     ],
 )
 def test_sampler_rejects_bad_arguments(kwargs, match):
