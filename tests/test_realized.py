@@ -56,6 +56,28 @@ def test_every_estimator_converges_to_the_enumerated_change(setup, prompt):
         assert 0 < point.estimates["crn"].diagnostics["differing_fraction"] < 1
 
 
+def test_standard_errors_are_calibrated_across_replicate_batches(setup):
+    """16 replicates (fresh E, fresh seed): mean z² of each estimator against the exact ΔH is
+    χ²₁₆/16-like (0.25 .. 2.5 holds with probability > 0.998 for a calibrated SE)."""
+    model, lora, step = setup
+    prompts = [PROMPTS[4]] * 24
+    responses, S = exact_logprobs(model, lora, prompts[:1], LENGTH, EOS)
+    h0 = exact_entropy(model, lora, prompts[:1], LENGTH, EOS)
+    exact = float(exact_entropy(model, shifted(lora, step, 1.0), prompts[:1], LENGTH, EOS) - h0)
+    z = {"snis": [], "crn": [], "rb": []}
+    for r in range(16):
+        drawn = draw_from_exact(responses, S.expand(24, -1), 8, seed=100 + r)
+        E = fp.make_batch(prompts, drawn, max_lengths=[LENGTH] * 24)
+        res = realized_entropy_change(model, lora, step, E, [1.0], samples_per_prompt=8, seed=200 + r,
+                                      eos_token_id=EOS, max_new_tokens=LENGTH)  # fmt: skip
+        for name, est in res.points[0].estimates.items():
+            z[name].append((est.value - exact) / est.se)
+    for name, zs in z.items():
+        zs = torch.tensor(zs)
+        assert 0.25 < float(zs.square().mean()) < 2.5, (name, zs)
+        assert abs(float(zs.mean())) < 1.0, (name, zs)
+
+
 def test_estimators_converge_over_different_prompts_with_many_samples(setup):
     model, lora, step = setup
     E = e_batch(model, lora, PROMPTS, 400, seed=7, eos=None)
