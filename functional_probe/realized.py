@@ -40,10 +40,10 @@ from torch import Tensor
 from .batch import Batch
 from .entropy import DEFAULT_CHUNK_ROWS, TokenStats, check_filters, sequence_statistics
 from .grads import dot64
-from .logprobs import prepared
+from .logprobs import check_temperature, prepared
 from .model import FunctionalModel
 from .model.functional import check_same_keys_and_shapes
-from .sampling import Samples, sample
+from .sampling import Samples, check_sampling_args, sample
 from .stats import moments
 
 ESTIMATORS = ("snis", "crn", "rb")
@@ -206,13 +206,18 @@ def realized_entropy_change(
     scales, estimators = check_arguments(model, lora, step, E, scales, estimators, ess_warn_fraction, snis_clip,
                                          (top_k, top_p))  # fmt: skip
     E = prepared(model, E)
+    check_temperature(temperature)
+    max_new_tokens = int(E.max_lengths.max()) if max_new_tokens is None else max_new_tokens
+    sampled = [e for e in estimators if e in ("crn", "rb")]
+    if sampled:  # the sampler's own checks, before any heavy work
+        check_filters(top_k, top_p, model.vocab_size)
+        check_sampling_args(model, prompts_of(E), samples_per_prompt, max_new_tokens, eos_token_id, seed, None,
+                            max_rows)  # fmt: skip
     lmax = E.max_lengths.double().cpu()
     clip = 0.5 * math.log(E.group_size) if snis_clip is None else float(snis_clip)
     head = dict(temperature=temperature, top_k=top_k, top_p=top_p, chunk_rows=chunk_rows)
-    max_new_tokens = int(E.max_lengths.max()) if max_new_tokens is None else max_new_tokens
     draw = dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                 seed=seed, max_rows=max_rows, **head)  # fmt: skip
-    sampled = [e for e in estimators if e in ("crn", "rb")]
     at = lambda s: {k: v + s * step[k].to(v.dtype) for k, v in lora.items()}  # noqa: E731
     step_norm, theta_norm = math.sqrt(dot64(step, step)), math.sqrt(dot64(lora, lora))
 
@@ -237,5 +242,6 @@ def realized_entropy_change(
         relative = abs(s) * step_norm / theta_norm if theta_norm > 0 else None
         points.append(RealizedPoint(s, relative, {e: estimates[e] for e in estimators}))
     settings = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                    eos_token_id=eos_token_id, seed=seed, snis_clip=clip, ess_warn_fraction=ess_warn_fraction)  # fmt: skip
+                    eos_token_id=eos_token_id if eos_token_id is None or isinstance(eos_token_id, int)
+                    else list(eos_token_id), seed=seed, snis_clip=clip, ess_warn_fraction=ess_warn_fraction)  # fmt: skip
     return RealizedEntropyChange(points, baseline, estimators, len(E), E.group_size, samples_per_prompt, settings)

@@ -153,6 +153,9 @@ def test_collapsed_importance_weights_warn_and_are_clipped(setup):
         (dict(snis_clip=-1.0), "snis_clip"),
         (dict(E="g1"), "G = 1"),
         (dict(top_p=0.9), "snis needs unfiltered sampling"),
+        (dict(samples_per_prompt=0), "samples_per_prompt=0"),
+        (dict(eos_token_id=99), "eos_token_id 99"),
+        (dict(temperature=0), "temperature=0"),
     ],
 )
 def test_bad_arguments_raise_naming_them(setup, change, match):
@@ -168,6 +171,6 @@ def test_bad_arguments_raise_naming_them(setup, change, match):
         "g1": lambda: fp.make_batch(PROMPTS[:2], [[[1]], [[2]]]),
     }
     args |= {k: edits[v]() if isinstance(v, str) and v in edits else v for k, v in change.items()}
+    args = dict(samples_per_prompt=2) | args
     with pytest.raises(ValueError, match=match):
-        realized_entropy_change(model, lora, args.pop("step"), args.pop("E"), args.pop("scales"),
-                                samples_per_prompt=2, **args)  # fmt: skip
+        realized_entropy_change(model, lora, args.pop("step"), args.pop("E"), args.pop("scales"), **args)
