@@ -1,8 +1,10 @@
 """The project's own sampler: KV-cached incremental decoding with common random numbers.
 
 `CachedDecoder` runs the decoder of a `FunctionalModel` one token at a time with a key/value
-cache, LoRA merged into each frozen weight (W' = W + s·B A, NF4 dequantized once per θ): no
-gradient ever flows here, so the merged primal is both exact and cheapest (DESIGN §3).
+cache, NF4 dequantized once per θ and, in fp32/fp64, LoRA merged into each frozen weight
+(W' = W + s·B A: no gradient flows here, so the merged primal is exact and cheapest, DESIGN §3);
+in bf16/fp16 the LoRA terms stay low-rank, because rounding W + s·B A to 8 bits of mantissa
+would swallow the small steps the estimators compare (measured: logit changes 75% wrong).
 
 `sample` draws G responses per prompt by the Gumbel-max trick, y = argmax_v (log q_v + g_v),
 from q = TopP(TopK(softmax(z/τ))) (transformers' warper order), with g_v = −log(−log u_v) and
@@ -59,23 +61,45 @@ def crn_uniforms(keys: np.ndarray, vocab: int) -> Tensor:
     return torch.from_numpy(((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53)
 
 
-def merged_linear(module, name: str, keys: Mapping[str, str], lora: Mapping[str, Tensor]):
-    """(W' [out, in], b [out] or None) of a frozen or LoRA linear, LoRA merged: W + s·(B @ A)."""
-    base = module.base if isinstance(module, LoRALinear) else module
-    weight = base.dequantized_weight()
-    if isinstance(module, LoRALinear):
-        a, b = lora[keys[f"{name}.lora_A"]], lora[keys[f"{name}.lora_B"]]
-        weight = weight + module.scaling * (b @ a)
-    return weight, base.bias
+MERGED_DTYPES = (torch.float32, torch.float64)
 
 
-def merged_group(modules: list, names: list[str], keys, lora) -> tuple[Tensor, Tensor | None]:
-    """Projections of one input as one linear: rows of W' concatenated, biases (zeros where absent)."""
-    pairs = [merged_linear(m, n, keys, lora) for m, n in zip(modules, names, strict=True)]
-    weight = torch.cat([w for w, _ in pairs])
-    if all(b is None for _, b in pairs):
-        return weight, None
-    return weight, torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in pairs])
+@dataclass(frozen=True)
+class GroupLinear:
+    """Projections sharing one input as one frozen matmul: y = x Wᵀ + b, W the projections' rows
+    (NF4 dequantized once). In fp32/fp64 LoRA is merged, W = W₀ + s·B A; in bf16/fp16 rounding
+    W₀ + s·B A would swallow small steps, so there each LoRA term is added as s·(x Aᵀ) Bᵀ on its
+    output columns, as the decoder computes it."""
+
+    weight: Tensor  # [Σ out, in]
+    bias: Tensor | None  # [Σ out] (zeros where a projection has none)
+    low_rank: list[tuple[slice, Tensor, Tensor, float]]  # (columns, A, B, s) kept unmerged
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        for cols, a, b, scaling in self.low_rank:
+            y[..., cols] += scaling * F.linear(F.linear(x, a), b)
+        return y
+
+
+def group_linear(modules: list, names: list[str], keys: Mapping[str, str], lora: Mapping[str, Tensor]) -> GroupLinear:
+    """GroupLinear of frozen or LoRA linears `modules` (internal names `names`; `keys` maps internal
+    LoRA names to the keys of `lora`)."""
+    weights, biases, low_rank, start, has_bias = [], [], [], 0, False
+    for module, name in zip(modules, names, strict=True):
+        base = module.base if isinstance(module, LoRALinear) else module
+        weight = base.dequantized_weight()
+        if isinstance(module, LoRALinear):
+            a, b = lora[keys[f"{name}.lora_A"]], lora[keys[f"{name}.lora_B"]]
+            if weight.dtype in MERGED_DTYPES:
+                weight = weight + module.scaling * (b @ a)
+            else:
+                low_rank.append((slice(start, start + weight.shape[0]), a, b, module.scaling))
+        weights.append(weight)
+        biases.append(base.bias if base.bias is not None else weight.new_zeros(weight.shape[0]))
+        has_bias |= base.bias is not None
+        start += weight.shape[0]
+    return GroupLinear(torch.cat(weights), torch.cat(biases) if has_bias else None, low_rank)
 
 
 class CachedDecoder:
@@ -99,7 +123,7 @@ class CachedDecoder:
         with torch.no_grad():
             for i, block in enumerate(self.decoder.layers):
                 self.weights.append({
-                    name: merged_group([getattr(getattr(block, parent), p) for p in projections],
+                    name: group_linear([getattr(getattr(block, parent), p) for p in projections],
                                        [f"layers.{i}.{parent}.{p}" for p in projections], keys, lora)
                     for name, (parent, projections) in groups.items()
                 })  # fmt: skip
@@ -138,9 +162,9 @@ class CachedDecoder:
         for block, weights, (k_cache, v_cache) in zip(dec.layers, self.weights, self.cache, strict=True):
             a = self._attention(block.self_attn, weights, block.input_layernorm(x), cos, sin, allowed,
                                 k_cache, v_cache, start, stop)  # fmt: skip
-            x = x + F.linear(a, *weights["o"])
-            gate, up = F.linear(block.post_attention_layernorm(x), *weights["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, *weights["down"])
+            x = x + weights["o"](a)
+            gate, up = weights["gate_up"](block.post_attention_layernorm(x)).chunk(2, dim=-1)
+            x = x + weights["down"](F.silu(gate) * up)
         self.length = stop
         return dec.norm(x)
 
@@ -148,7 +172,7 @@ class CachedDecoder:
     def _attention(attn, weights, h, cos, sin, allowed, k_cache, v_cache, start, stop) -> Tensor:
         """decoder.Attention on the new rows h [R, t, D] against the cached keys 0..stop."""
         d, kh = attn.head_dim, attn.num_kv_heads
-        q, k, v = F.linear(h, *weights["qkv"]).split([kh * attn.group * d, kh * d, kh * d], dim=-1)
+        q, k, v = weights["qkv"](h).split([kh * attn.group * d, kh * d, kh * d], dim=-1)
         q, k, v = (rearrange(p, "b t (h d) -> b h t d", d=d) for p in (q, k, v))
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)

@@ -201,3 +201,19 @@ def test_sampling_needs_no_gradient_and_leaves_lora_alone():
     samples = sample(model, lora, PROMPTS[:2], samples_per_prompt=2, max_new_tokens=2)
     assert not samples.stats.logp.requires_grad
     assert all(math.isfinite(v) for v in samples.stats.entropy.flatten().tolist())
+
+
+def test_bf16_keeps_lora_unmerged_so_small_steps_are_not_rounded_away():
+    model = fp.tiny_model(quantize=None, dtype=torch.bfloat16)
+    lora = model.lora
+    step = {k: v.to(torch.bfloat16) for k, v in random_step({k: v.float() for k, v in lora.items()}, scale=0.02).items()}
+    ids = torch.randint(0, model.vocab_size, (4, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+
+    def last_logits(theta):
+        cached = CachedDecoder(model, theta).start(ids, mask, 10) @ model.head_weight.T
+        return cached.float(), model(theta, ids, mask)[:, -1].float()
+
+    (c0, f0), (c1, f1) = last_logits(lora), last_logits(shifted(lora, step, 1.0))
+    assert torch.equal(c0, f0) and (f1 - f0).abs().max() > 0.01
+    assert rel_err(c1 - c0, f1 - f0) < 1e-6
