@@ -68,6 +68,7 @@ class RealizedPoint:
     scale: float
     relative_step: float | None  # |s|·‖Δθ‖ / ‖θ‖ (None when θ = 0)
     estimates: dict[str, Estimate]
+    step_rounding: float = 0.0  # ‖(θ + s·Δθ) − θ − s·Δθ‖ / ‖s·Δθ‖ in the LoRA dtype (bf16: coarse)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class RealizedEntropyChange:
     @classmethod
     def from_dict(cls, d: dict) -> RealizedEntropyChange:
         est = lambda e: Estimate(**e)  # noqa: E731
-        points = [RealizedPoint(p["scale"], p["relative_step"], {k: est(v) for k, v in p["estimates"].items()})
+        points = [RealizedPoint(**{**p, "estimates": {k: est(v) for k, v in p["estimates"].items()}})
                   for p in d["points"]]  # fmt: skip
         return cls(**{**d, "points": points, "baseline": {k: est(v) for k, v in d["baseline"].items()}})
 
@@ -136,6 +137,22 @@ def sampled_estimates(base: Samples, moved: Samples, lmax: Tensor, wanted: Seque
     if "rb" in wanted:
         out["rb"] = estimate((moved.stats.entropy - base.stats.entropy).mean(1) / lmax, **diag)
     return out
+
+
+def step_rounding(lora: Mapping[str, Tensor], theta: Mapping[str, Tensor], step: Mapping[str, Tensor], scale: float,
+                  warn_above: float = 0.01) -> float:  # fmt: skip
+    """Relative error of the step the LoRA dtype really takes, ‖(θ' − θ) − s·Δθ‖ / ‖s·Δθ‖ (float64);
+    warns (EntropyEstimateWarning) above `warn_above`: in bf16, steps below ~1/256 of θ round away."""
+    if scale == 0:
+        return 0.0
+    err = sum(float(((theta[k].double() - lora[k].double()) - scale * step[k].double()).square().sum()) for k in lora)
+    size = scale**2 * dot64(step, step)
+    rel = math.sqrt(err / size) if size > 0 else 0.0
+    if rel > warn_above:
+        warnings.warn(EntropyEstimateWarning(
+            f"at scale {scale} the LoRA dtype {next(iter(lora.values())).dtype} rounds the step θ + s·Δθ "
+            f"with relative error {rel:.2g}: the realized change is that of another step"), stacklevel=3)  # fmt: skip
+    return rel
 
 
 def check_arguments(model: FunctionalModel, lora, step, E, scales, estimators, ess_warn_fraction, snis_clip,
@@ -240,7 +257,8 @@ def realized_entropy_change(
         if sampled:
             estimates |= sampled_estimates(base_samples, sample(model, theta, prompts_of(E), **draw), lmax, sampled)
         relative = abs(s) * step_norm / theta_norm if theta_norm > 0 else None
-        points.append(RealizedPoint(s, relative, {e: estimates[e] for e in estimators}))
+        rounding = step_rounding(lora, theta, step, s)
+        points.append(RealizedPoint(s, relative, {e: estimates[e] for e in estimators}, rounding))
     settings = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
                     eos_token_id=eos_token_id if eos_token_id is None or isinstance(eos_token_id, int)
                     else list(eos_token_id), seed=seed, snis_clip=clip, ess_warn_fraction=ess_warn_fraction)  # fmt: skip

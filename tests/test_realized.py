@@ -124,6 +124,7 @@ def test_zero_scale_changes_nothing_and_the_report_round_trips(setup):
     assert res.points[0].estimates["crn"].diagnostics["differing_fraction"] == 0.0
     assert res.points[1].relative_step == pytest.approx(0.5 * 0.3, rel=1e-6)  # random_step: 0.3 per tensor
     assert set(res.points[1].estimates) == {"snis", "crn", "rb"}
+    assert res.points[1].step_rounding < 1e-12  # float64: the step is taken as given
     again = RealizedEntropyChange.from_json(res.to_json())
     assert again == res and json.loads(res.to_json())["points"][1]["estimates"]["snis"]["diagnostics"]["clip"] > 0
 
@@ -174,3 +175,13 @@ def test_bad_arguments_raise_naming_them(setup, change, match):
     args = dict(samples_per_prompt=2) | args
     with pytest.raises(ValueError, match=match):
         realized_entropy_change(model, lora, args.pop("step"), args.pop("E"), args.pop("scales"), **args)
+
+
+def test_a_step_rounded_away_by_bf16_warns():
+    model = fp.tiny_model(quantize=None, dtype=torch.bfloat16)
+    lora = model.lora
+    step = {k: (1e-4 * v.float()).to(torch.bfloat16) for k, v in lora.items()}  # 1e-4 of θ: below bf16's 2^-8
+    E = fp.make_batch([[1, 2], [3]], [[[4, 5], [6]], [[7], [8, 9]]])
+    with pytest.warns(EntropyEstimateWarning, match="rounds the step"):
+        res = realized_entropy_change(model, lora, step, E, [1.0], estimators=("snis",))
+    assert res.points[0].step_rounding > 0.5
