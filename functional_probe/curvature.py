@@ -16,7 +16,8 @@ over the plain pure forward (`sequence_logprobs`), one pass per microbatch.
 
 Per prompt d1_n, d2_n; d1 = mean_n d1_n, d2 = mean_n d2_n, each ± SE over prompts (float64,
 stats.moments); δH₁(s) = s·d1, δH₂(s) = s²/2·d2, and s* = 2·fraction·|d1| / |d2| is where
-|δH₂| = fraction·|δH₁|: the edge of the first-order range.
+|δH₂| = fraction·|δH₁|: the edge of the first-order range (its SE by the delete-one jackknife
+over prompts).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .batch import Batch
 from .logprobs import check_temperature, prepared, sequence_logprobs
 from .model import FunctionalModel
 from .model.functional import check_same_keys_and_shapes
-from .stats import moments
+from .stats import jackknife_se, moments
 
 
 def step_derivatives(
@@ -98,6 +99,7 @@ class Curvature:
     d2_se: float
     fraction: float
     s_star: float | None  # |δH₂(s*)| = fraction·|δH₁(s*)|; None when d2 = 0
+    s_star_se: float | None  # delete-one jackknife over prompts (stats.jackknife_se)
     B_E: int
     group_size: int
     d1_per_prompt: list[float]
@@ -126,9 +128,12 @@ def curvature(
     S, S_dot, S_ddot = step_derivatives(model, lora, step, E, temperature=temperature, microbatch=microbatch)
     d1_n, d2_n = entropy_derivatives(S, S_dot, S_ddot, E.max_lengths)
     m1, m2 = moments(d1_n), moments(d2_n)
-    s_star = 2 * fraction * abs(m1.mean_x) / abs(m2.mean_x) if m2.mean_x != 0 else None
+    s_star = s_star_se = None
+    if m2.mean_x != 0:
+        s_star = 2 * fraction * abs(m1.mean_x) / abs(m2.mean_x)
+        s_star_se = jackknife_se(torch.stack([d1_n, d2_n], 1), lambda m: 2 * fraction * m[:, 0].abs() / m[:, 1].abs())
     return Curvature(
         d1=m1.mean_x, d1_se=math.sqrt(m1.var_of_mean_x()), d2=m2.mean_x, d2_se=math.sqrt(m2.var_of_mean_x()),
-        fraction=float(fraction), s_star=s_star, B_E=len(E), group_size=E.group_size,
+        fraction=float(fraction), s_star=s_star, s_star_se=s_star_se, B_E=len(E), group_size=E.group_size,
         d1_per_prompt=d1_n.tolist(), d2_per_prompt=d2_n.tolist(),
     )  # fmt: skip

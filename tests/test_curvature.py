@@ -18,6 +18,7 @@ from helpers import random_rollouts, rel_err
 import functional_probe as fp
 from functional_probe.curvature import curvature, entropy_derivatives, step_derivatives
 from functional_probe.grads import dot64
+from functional_probe.stats import moments
 
 LENGTH, EOS = 3, 2
 
@@ -87,6 +88,11 @@ def test_monte_carlo_curvature_converges_to_the_exact_one(setup, prompt):
     value, se = res.delta_h2(res.s_star)
     assert math.isclose(abs(value), 0.1 * abs(res.s_star * res.d1), rel_tol=1e-12)
     assert se == pytest.approx(0.5 * res.s_star**2 * res.d2_se)
+    # the jackknife SE of s* against the delta method: Var(log s*) ≈ v1/d1² + v2/d2² − 2 c12/(d1 d2)
+    m = moments(torch.tensor(res.d1_per_prompt), torch.tensor(res.d2_per_prompt))
+    delta = res.s_star * math.sqrt(res.d1_se**2 / res.d1**2 + res.d2_se**2 / res.d2**2
+                                   - 2 * m.cov_of_means() / (res.d1 * res.d2))  # fmt: skip
+    assert res.s_star_se == pytest.approx(delta, rel=0.5)  # equal to first order; measured 1.01x and 1.27x
 
 
 def test_nested_jvp_through_nf4_matches_the_dual_forward_tangent():
