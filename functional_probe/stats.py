@@ -20,7 +20,7 @@ This module knows no model, batch or loss.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,7 @@ __all__ = [
     "variance_of_mean",
     "standard_error",
     "MOMENTS_FIELDS",
+    "jackknife_se",
 ]
 
 #: Order of the fields in :func:`as_tensor` / :func:`from_tensor`.
@@ -259,3 +260,36 @@ def standard_error(variance: float, eta: float = 1.0) -> float:
     if not variance >= 0.0:
         raise ValueError(f"variance must be >= 0, got {variance}")
     return abs(eta) * math.sqrt(variance)
+
+
+def jackknife_se(columns: Tensor | Sequence, statistic: Callable[[Tensor], Tensor]) -> float:
+    """Delete-one jackknife SE of ``statistic(column means)`` over the ``n`` rows (e.g. prompts).
+
+    Args:
+        columns: ``[n]`` or ``[n, k]`` real samples, cast to float64; row ``i`` is left out in turn.
+        statistic: maps a ``[m, k]`` float64 tensor of mean vectors, row-wise, to ``[m]``
+            (e.g. ``lambda m: m[:, 0] * m[:, 1]``); a ``[n]`` input is seen as ``[n, 1]``.
+
+    The leave-one-out means are ``x̄₍ᵢ₎ = x̄ + (x̄ − xᵢ)/(n − 1)`` (no loop), ``θᵢ = statistic(x̄₍ᵢ₎)``
+    and ``SE = sqrt((n − 1)/n · Σᵢ (θᵢ − θ̄)²)``, centred two-pass. For the plain mean this is
+    exactly ``sqrt(sample_var / n)``; for a smooth function of means it needs no delta method.
+
+    Raises:
+        ValueError: fewer than 2 rows, a non-finite sample, or a statistic of the wrong shape.
+    """
+    x = torch.as_tensor(columns).detach().to(device="cpu", dtype=torch.float64)
+    x = x[:, None] if x.ndim == 1 else x
+    if x.ndim != 2:
+        raise ValueError(f"columns must be [n] or [n, k], got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"jackknife_se needs at least 2 rows, got n = {n}")
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"columns[{i}, {j}] is not finite ({x[i, j].item()})")
+    mean = x.mean(0)
+    theta = torch.as_tensor(statistic(mean + (mean - x) / (n - 1)), dtype=torch.float64)
+    if theta.shape != (n,):
+        raise ValueError(f"statistic returned shape {tuple(theta.shape)} for {n} leave-one-out means; expected [{n}]")
+    return math.sqrt((n - 1) / n * float((theta - theta.mean()).square().sum()))

@@ -16,6 +16,7 @@ from functional_probe.stats import (
     combine,
     combine_all,
     from_tensor,
+    jackknife_se,
     moments,
     standard_error,
     variance_of_mean,
@@ -173,3 +174,29 @@ def test_standard_errors() -> None:
         standard_error(-1.0)
     with pytest.raises(ValueError, match="n = 0"):
         variance_of_mean(1.0, 0)
+
+
+def direct_jackknife(x: np.ndarray, statistic) -> float:
+    """The textbook delete-one jackknife by an explicit loop over rows (float64 numpy)."""
+    n = x.shape[0]
+    theta = np.array([statistic(np.delete(x, i, axis=0).mean(0)[None])[0] for i in range(n)])
+    return math.sqrt((n - 1) / n * ((theta - theta.mean()) ** 2).sum())
+
+
+def test_jackknife_equals_a_leave_one_out_loop_and_the_plain_se_for_a_mean() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 3, generator=gen, dtype=torch.float64) + torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+    ratio = lambda m: m[:, 0] * m[:, 1] / m[:, 2]  # noqa: E731  a smooth non-linear statistic
+    got = jackknife_se(x, ratio)
+    assert got > 0.1 and rel(got, direct_jackknife(x.numpy(), ratio)) < 1e-12
+    s = x[:, 0].float()  # float32 in, float64 out
+    assert rel(jackknife_se(s, lambda m: m[:, 0]), math.sqrt(moments(s).var_of_mean_x())) < 1e-12
+
+
+def test_jackknife_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        jackknife_se([1.0], lambda m: m[:, 0])
+    with pytest.raises(ValueError, match=r"columns\[1, 0\] is not finite"):
+        jackknife_se([1.0, math.inf], lambda m: m[:, 0])
+    with pytest.raises(ValueError, match="statistic returned shape"):
+        jackknife_se([1.0, 2.0, 3.0], lambda m: m.sum())
