@@ -77,8 +77,9 @@ class GroupLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
-        for cols, a, b, scaling in self.low_rank:
-            y[..., cols] += scaling * F.linear(F.linear(x, a), b)
+        for cols, a, b, scaling in self.low_rank:  # fp32 factors on a bf16 base: PEFT's autocast rule
+            low_rank = F.linear(F.linear(x.to(a.dtype), a), b)
+            y[..., cols] = (y[..., cols] + low_rank * scaling).to(y.dtype)
         return y
 
 

@@ -178,7 +178,8 @@ def test_bad_arguments_raise_naming_them(setup, change, match):
 
 
 def test_a_step_rounded_away_by_bf16_warns():
-    model = fp.tiny_model(quantize=None, dtype=torch.bfloat16)
+    # a bf16 LoRA dict (PEFT's default keeps fp32 factors on a bf16 base, which rounds nothing)
+    model = fp.tiny_model(quantize=None, dtype=torch.bfloat16, autocast_adapter_dtype=False)
     lora = model.lora
     step = {k: (1e-4 * v.float()).to(torch.bfloat16) for k, v in lora.items()}  # 1e-4 of θ: below bf16's 2^-8
     E = fp.make_batch([[1, 2], [3]], [[[4, 5], [6]], [[7], [8, 9]]])
