@@ -103,15 +103,16 @@ def step_of(
     if v_y not in V_Y:
         raise ValueError(f"v_y={v_y!r}; expected one of {V_Y}")
     if step == "preconditioned":
-        if preconditioner is None or eta is None or optimizer is not None:
+        if preconditioner is None or optimizer is not None:
             raise ValueError("step='preconditioned' needs preconditioner= and eta= (and no optimizer=)")
+        eta = check_step_size(eta, "probe: eta")
         if v_y != "linear":
             raise ValueError("v_y='jackknife' is for step='optimizer': the preconditioned step is linear "
                              "in the gradient, its V_Y is exact")  # fmt: skip
         if max_grad_norm is not None or lr is not None:
             raise ValueError("max_grad_norm= and lr= are for step='optimizer'; the preconditioned step "
                              "is η·P(g) with eta=")  # fmt: skip
-        return PreconditionedStep(preconditioner, check_step_size(eta, "probe: eta"))
+        return PreconditionedStep(preconditioner, eta)
     if optimizer is None or preconditioner is not None or eta is not None:
         raise ValueError("step='optimizer' needs optimizer= (a live optimizer with named_params=, or an "
                          "AdamState) and no preconditioner=/eta= (η is the optimizer's lr)")  # fmt: skip

@@ -168,7 +168,7 @@ def test_delta_h1_is_the_finite_difference_along_the_real_step(model64, batches6
     lora = {k: p.detach().clone() for k, p in params.items()}
     r = probe(model64, lora, E, U, optimizer=opt, named_params=params, max_grad_norm=max_grad_norm)
     d = real_displacement(model64, opt, params, U, max_grad_norm)
-    f = frozen_surrogate(model64, E, lora, "dr_grpo")
+    f, _ = frozen_surrogate(model64, E, lora, "dr_grpo")
     fd = (f({k: lora[k] + d[k] for k in lora}) - f({k: lora[k] - d[k] for k in lora})) / 2
     print(f"{state}, clip {max_grad_norm}: δH₁ {r.delta_h1:.6e}, finite difference {fd:.6e}")
     assert abs(r.delta_h1 - fd) <= 1e-6 * abs(fd)
