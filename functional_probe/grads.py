@@ -160,7 +160,8 @@ def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, t
     for mb in [] if batch is None else microbatches(batch, microbatch):
         if response_microbatch is None or response_microbatch >= mb.group_size:
             kernels = reverse_kernels(mb)
-            parts = [grad(lambda p, mb=mb: prompt_losses(model, p, mb, kernels=kernels, **kw).sum())(lora)]
+            loss_sum = lambda p, mb=mb, k=kernels: prompt_losses(model, p, mb, kernels=k, **kw).sum()  # noqa: E731
+            parts = [grad(loss_sum)(lora)]
         else:
             parts = response_split_grads(model, lora, mb, size=response_microbatch, **kw)
         for g in parts:
