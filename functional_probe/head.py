@@ -38,6 +38,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets)
 
     @staticmethod
+    @torch.no_grad()  # torch.func.grad runs backward with create_graph=True: record nothing
     def backward(ctx, grad_out: Tensor):
         hidden, weight, targets = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]

@@ -1,7 +1,7 @@
 """The functorch-safe per-layer checkpoint against the same layer run without it."""
 
 import torch
-from helpers import assert_not_trivial
+from helpers import assert_not_trivial, dict_rel_err, rel_err
 from torch import nn
 
 from functional_probe.model.attention import attention_allowed
@@ -49,14 +49,16 @@ def test_checkpointed_layer_gives_the_same_gradients_under_grad_and_vmap(tiny_fp
     got = torch.func.grad(loss(True), argnums=(0, 1))(params, *args)
     want = torch.func.grad(loss(False), argnums=(0, 1))(params, *args)
     assert_not_trivial(want[0])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # recomputation runs the same ops outside autograd: equal up to fp32 rounding, not bitwise
+    assert dict_rel_err(got[0], want[0]) <= 1e-6 and rel_err(got[1], want[1]) <= 1e-6
 
     def per_row(use_checkpoint):  # vmap(grad) over rows, each a batch of one
-        return torch.func.vmap(torch.func.grad(loss(use_checkpoint)), in_dims=(None,) + (0,) * 5)(
+        return torch.func.vmap(torch.func.grad(loss(use_checkpoint), argnums=(0, 1)), in_dims=(None,) + (0,) * 5)(
             params, *(a[:, None] for a in args)
         )
 
-    torch.testing.assert_close(per_row(True), per_row(False), rtol=1e-5, atol=1e-6)
+    (p_got, x_got), (p_want, x_want) = per_row(True), per_row(False)
+    assert dict_rel_err(p_got, p_want) <= 1e-6 and rel_err(x_got, x_want) <= 1e-6
 
 
 def test_checkpointed_layer_keeps_only_its_inputs(tiny_fp32):

@@ -44,7 +44,10 @@ class _Checkpoint(torch.autograd.Function):
         def run(x: Tensor, values: tuple[Tensor, ...]) -> Tensor:
             return _run(ctx.module, ctx.names, ctx.layout, x, extra + values)
 
-        with torch.enable_grad():
+        # torch.func.grad runs backward with create_graph=True, so without no_grad every layer's
+        # recomputed activations would be recorded for a double backward and kept to the end;
+        # vjp's own level ignores the outer no_grad and still differentiates `run`.
+        with torch.no_grad():
             _, pullback = vjp(run, x, values)
             grad_x, grad_values = pullback(grad_out)
         return (None, None, None, grad_x, *([None] * n_extra), *grad_values)
