@@ -141,7 +141,8 @@ def in_subprocess(*args: str) -> dict:
     cmd = ["flock", "/tmp/fp_heavy.lock", sys.executable, __file__, *args]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
+        errors = [line for line in out.stderr.splitlines() if "Error" in line]
+        return {"error": errors[-1] if errors else f"exit code {out.returncode} (-9: killed, e.g. out of memory)"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
