@@ -16,13 +16,16 @@ from dataclasses import dataclass
 ATTENTIONS = ("plain", "sdpa")
 HEADS = ("plain", "recompute")
 
-# Rows × columns of one pass from which every decoder layer is checkpointed. Measured with
-# bench/long_sequences.py's SmolLM2-shaped model (4 rows, fp32, 2 contended cores; see README):
-# without checkpointing a first-order pass keeps about 0.2 MB per token and layer under
-# torch.func.grad, so 30 layers × 4 × 512 tokens already hold ~12 GB, while recomputing one
-# layer in backward costs about one extra forward of the layers (+20–30 % time). Below 1024
-# tokens what is kept is small next to the model, so speed wins.
-CHECKPOINT_MIN_TOKENS = 1024
+# Rows × columns of one pass from which every decoder layer is checkpointed. Measured on the
+# SmolLM2-135M-shaped random model of bench/long_sequences.py cut to 8 layers, 4 rows, fp32,
+# mean_grad, fresh process each, 2 cores shared with other jobs (so times are noisy):
+#   4 × 128 tokens: peak 738 MB without checkpointing, 145 MB with;
+#   4 × 256 tokens: 1556 MB without, 364 MB with; time with/without, alternated in one
+#   process, 3 runs each: median ratio 1.00 (16.2 s both; the recompute's extra forward of the
+#   layers is offset by touching ~1.2 GB less memory).
+# Without it, what a layer keeps grows like tokens × (a few × hidden + MLP width); below about
+# 512 tokens per pass that is small next to the model, so checkpointing is off there.
+CHECKPOINT_MIN_TOKENS = 512
 
 
 @dataclass(frozen=True)
