@@ -28,7 +28,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             z = logits(hidden[start : start + chunk], weight, temperature, acc)  # [c, V]
             y = targets[start : start + chunk, None]  # [c, 1]
-            out.append(z.gather(-1, y)[:, 0] - z.logsumexp(-1))
+            top = z.amax(-1, keepdim=True)
+            z_y = z.gather(-1, y) - top
+            # log-sum-exp in place: one [c, V] buffer per chunk, not two
+            out.append((z_y - z.sub_(top).exp_().sum(-1, keepdim=True).log())[:, 0])
         return torch.cat(out)
 
     @staticmethod
@@ -48,7 +51,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             h, y, g = hidden[rows], targets[rows], grad_out[rows, None] / ctx.temperature  # g [c, 1]
-            p = logits(h, weight, ctx.temperature, acc).softmax(-1)  # [c, V]
+            p = softmax_(logits(h, weight, ctx.temperature, acc))  # [c, V]
             if need_h:
                 pieces.append((g * (w[y] - p @ w)).to(hidden.dtype))
             if need_w:
@@ -56,6 +59,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_w = dz.T @ h.to(acc) if grad_w is None else grad_w + dz.T @ h.to(acc)
         grad_h = torch.cat(pieces) if need_h else None
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def softmax_(z: Tensor) -> Tensor:
+    """softmax over the last dim, in place in z (a fresh [c, V] buffer)."""
+    z.sub_(z.amax(-1, keepdim=True)).exp_()
+    return z.div_(z.sum(-1, keepdim=True))
 
 
 def logits(h: Tensor, weight: Tensor, temperature: float, acc: torch.dtype) -> Tensor:
