@@ -35,6 +35,7 @@ from .grads import (
     per_sample_grads,
     prompt_losses,
     require_batch,
+    reverse_kernels,
 )  # fmt: skip
 from .logprobs import check_temperature, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
@@ -106,8 +107,9 @@ def projections_func_jvp(model, lora, batch, direction, **kw) -> Tensor:
 
 
 def projection_one(model, lora, batch, direction, **kw) -> Tensor:
-    """<∇θ L[0], v> for a one-prompt batch: the reference, one reverse pass."""
-    return dot(grad(lambda p: prompt_losses(model, p, batch, **kw)[0])(lora), direction)
+    """<∇θ L[0], v> for a one-prompt batch: the reference, one first-order reverse pass."""
+    kernels = reverse_kernels(batch)
+    return dot(grad(lambda p: prompt_losses(model, p, batch, kernels=kernels, **kw)[0])(lora), direction)
 
 
 def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature) -> Tensor:

@@ -1,12 +1,16 @@
 """Gradients of the per-prompt probe losses: mean gradients, per-sample gradients, Gram matrices.
 
 All are pure functions of the LoRA dict, built from `torch.func` transforms of
-`prompt_losses`, which maps the dict to the vector [N] of per-prompt X or Y losses.
+`prompt_losses`, which maps the dict to the vector [N] of per-prompt X or Y losses. They are
+first-order reverse passes, so they run with `reverse_kernels` (SDPA attention, a head that
+recomputes its logits in backward, per-layer checkpointing on long batches): memory grows
+like layers × tokens × hidden, not tokens² or tokens × vocabulary.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import torch
 from einops import rearrange
@@ -18,6 +22,7 @@ from .distributed import agree, all_reduce_mean, is_distributed, prompt_count
 from .logprobs import check_temperature, grouped_logprobs, prepared
 from .losses import WEIGHTINGS, x_loss_values, y_loss_values
 from .model import FunctionalModel
+from .model.kernels import PLAIN, Kernels, first_order_kernels
 
 LOSSES = ("x", "y")
 Dict = dict[str, Tensor]
@@ -30,9 +35,18 @@ def check_loss_args(loss: str, weighting: str) -> None:
         raise ValueError(f"weighting={weighting!r}; expected one of {WEIGHTINGS}")
 
 
+def reverse_kernels(batch: Batch, prompts: int | None = None) -> Kernels:
+    """`first_order_kernels` for passes over `prompts` (default: all) of `batch`'s prompts at once."""
+    mask = batch.attention_mask
+    left_padded = bool((mask[..., 1:] & ~mask[..., :-1]).any())  # a real token after a pad
+    rows = (batch.num_prompts if prompts is None else prompts) * batch.group_size
+    return first_order_kernels(rows, batch.seq_len, left_padded=left_padded)
+
+
 def per_prompt_loss_fn(
-    model: FunctionalModel, batch: Batch, *, loss: str, weighting: str, temperature: float
-) -> Callable[..., Tensor]:
+    model: FunctionalModel, batch: Batch, *, loss: str, weighting: str, temperature: float,
+    kernels: Kernels = PLAIN,
+) -> Callable[..., Tensor]:  # fmt: skip
     """f(lora, ids, mask, pos, response, lmax, lengths, adv) -> [N] losses on [N, G, T] tensors.
 
     Written on plain tensors (the prompt end is read once, outside) so it can be vmapped over
@@ -43,14 +57,20 @@ def per_prompt_loss_fn(
 
     def losses(lora, ids, mask, pos, response, lmax, lengths, adv) -> Tensor:
         S = grouped_logprobs(
-            model, lora, ids, mask, pos, response, prompt_end=prompt_end, temperature=temperature
-        )
-        S = S.to(torch.promote_types(S.dtype, torch.float32))
-        if loss == "x":
-            return x_loss_values(S, lmax, lengths, weighting)
-        return y_loss_values(S, adv, lmax)
+            model, lora, ids, mask, pos, response, prompt_end=prompt_end, temperature=temperature,
+            kernels=kernels,
+        )  # fmt: skip
+        return loss_values(S.to(torch.promote_types(S.dtype, torch.float32)), lmax, lengths, adv,
+                           loss=loss, weighting=weighting)  # fmt: skip
 
     return losses
+
+
+def loss_values(S: Tensor, lmax: Tensor, lengths: Tensor, adv: Tensor, *, loss: str, weighting: str) -> Tensor:
+    """Per-prompt X or Y losses [N] from S [N, G] (≥ fp32) and the batch's tensors."""
+    if loss == "x":
+        return x_loss_values(S, lmax, lengths, weighting)
+    return y_loss_values(S, adv, lmax)
 
 
 def batch_tensors(batch: Batch) -> tuple[Tensor, ...]:
@@ -69,13 +89,18 @@ def prompt_losses(
     loss: str = "x",
     weighting: str = "dr_grpo",
     temperature: float = 1.0,
+    kernels: Kernels = PLAIN,
 ) -> Tensor:
-    """Per-prompt losses [N] (Lx or Ly of DESIGN §1), in at least fp32; pure in `lora`."""
+    """Per-prompt losses [N] (Lx or Ly of DESIGN §1), in at least fp32; pure in `lora`.
+
+    `kernels`: PLAIN composes with every transform; `reverse_kernels(batch)` is for one
+    first-order reverse pass (grad, vjp + one pullback, vmap(grad)) or no-grad."""
     check_loss_args(loss, weighting)
     batch = prepared(model, batch)
     fn = per_prompt_loss_fn(
-        model, batch, loss=loss, weighting=weighting, temperature=check_temperature(temperature)
-    )
+        model, batch, loss=loss, weighting=weighting, temperature=check_temperature(temperature),
+        kernels=kernels,
+    )  # fmt: skip
     return fn(lora, *batch_tensors(batch))
 
 
@@ -92,13 +117,18 @@ def mean_grad(
     weighting: str = "dr_grpo",
     preconditioner: Callable[[Mapping[str, Tensor]], Dict] | None = None,
     microbatch: int | None = None,
+    response_microbatch: int | None = None,
     temperature: float = 1.0,
     distributed: bool | None = None,
 ) -> Dict:
     """(1/N) Σ_n ∇θ L[n] as a dict shaped like `lora` (P applied if a preconditioner is given).
 
-    One reverse pass per microbatch of at most `microbatch` prompts; sums accumulate in at
-    least fp32, so the result does not depend on the microbatch size beyond rounding.
+    One reverse pass per microbatch of at most `microbatch` prompts, each split further into
+    passes of at most `response_microbatch` of a prompt's G responses (None: all G at once).
+    The X loss's leave-one-out coefficients are under stop-gradient and the Y loss is linear
+    in S, so with split responses a no-grad pass first computes S (hence the coefficients
+    c = ∂ΣL/∂S), then ∇ Σ c·S accumulates over response chunks. Sums accumulate in at least
+    fp32, so the result does not depend on either split beyond rounding.
 
     Under torch.distributed (`distributed=None` and a process group initialized, or True;
     see `functional_probe.distributed`) `batch` is this rank's shard (`None`: an empty one):
@@ -107,7 +137,9 @@ def mean_grad(
     must call it; a global N of 0 raises ValueError on every rank.
     """
     model.check_lora(lora)
-    kw = dict(loss=loss, weighting=weighting, microbatch=microbatch, temperature=temperature)
+    check_microbatch(response_microbatch, "response_microbatch")
+    kw = dict(loss=loss, weighting=weighting, microbatch=microbatch, temperature=temperature,
+              response_microbatch=response_microbatch)  # fmt: skip
     if is_distributed(distributed):
         total = agree(grad_sum, model, lora, batch, **kw)
         mean = all_reduce_mean(total, prompt_count(batch))
@@ -118,17 +150,74 @@ def mean_grad(
     return mean if preconditioner is None else preconditioner(mean)
 
 
-def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, temperature) -> Dict:
-    """Σ_n ∇θ L[n] over `batch` (zeros for None), in at least fp32, one grad per microbatch."""
+def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, temperature,
+             response_microbatch=None) -> Dict:  # fmt: skip
+    """Σ_n ∇θ L[n] over `batch` (zeros for None), in at least fp32, one grad per microbatch
+    (of prompts, and of responses when `response_microbatch` < G)."""
     total = {
         k: torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32)) for k, v in lora.items()
     }
+    kw = dict(loss=loss, weighting=weighting, temperature=temperature)
     for mb in [] if batch is None else microbatches(batch, microbatch):
-        g = grad(lambda p, mb=mb: prompt_losses(model, p, mb, loss=loss, weighting=weighting,
-                                               temperature=temperature).sum())(lora)  # fmt: skip
-        for k in total:
-            total[k] += g[k]
+        if response_microbatch is None or response_microbatch >= mb.group_size:
+            kernels = reverse_kernels(mb)
+            loss_sum = lambda p, mb=mb, k=kernels: prompt_losses(model, p, mb, kernels=k, **kw).sum()  # noqa: E731
+            parts = [grad(loss_sum)(lora)]
+        else:
+            parts = response_split_grads(model, lora, mb, size=response_microbatch, **kw)
+        for g in parts:
+            for k in total:
+                total[k] += g[k]
     return total
+
+
+def response_split_grads(model, lora, batch: Batch, *, size: int, loss, weighting, temperature) -> list[Dict]:
+    """∇θ Σ_n L[n] in pieces, one per chunk of at most `size` responses of every prompt.
+
+    Σ_n L[n] = Σ_{n,g} c[n,g]·S[n,g] with c = ∂ΣL/∂S constant in θ (X: −stopgrad(w − b)/G;
+    Y: A/(Lmax·G)); c comes from a no-grad S, then each chunk contributes ∇ Σ_chunk c·S.
+    """
+    batch = prepared(model, batch)
+    parts = response_chunks(batch, size)
+
+    def S_of(p: Mapping[str, Tensor], part: Batch) -> Tensor:  # [N, ≤size]
+        return grouped_logprobs(
+            model, p, part.input_ids, part.attention_mask, part.position_ids, part.response_mask,
+            prompt_end=part.prompt_end, temperature=temperature, kernels=reverse_kernels(part),
+        )  # fmt: skip
+
+    with torch.no_grad():
+        S = torch.cat([S_of(lora, part) for part in parts], dim=1)
+    S = S.to(torch.promote_types(S.dtype, torch.float32))
+    _, lmax, lengths, adv = batch_tensors(batch)[3:]
+    coef = grad(lambda S: loss_values(S, lmax, lengths, adv, loss=loss, weighting=weighting).sum())(S)
+    return [
+        grad(lambda p, part=part, c=c: (c * S_of(p, part)).sum())(lora)
+        for part, c in zip(parts, coef.split(size, dim=1), strict=True)
+    ]
+
+
+def response_chunks(batch: Batch, size: int) -> list[Batch]:
+    """The batch as consecutive chunks of at most `size` responses of every prompt ([N, ≤size, T'])
+    with all-pad trailing columns dropped; prompts, prompt_end and positions unchanged."""
+    chunks = []
+    for start in range(0, batch.group_size, size):
+        g = slice(start, start + size)
+        mask = batch.attention_mask[:, g]
+        end = int(mask.any(0).any(0).nonzero().max()) + 1
+        cols = slice(0, end)
+        chunks.append(replace(
+            batch, input_ids=batch.input_ids[:, g, cols], attention_mask=mask[..., cols],
+            response_mask=batch.response_mask[:, g, cols], position_ids=batch.position_ids[:, g, cols],
+            response_lengths=batch.response_lengths[:, g], advantages=batch.advantages[:, g],
+        ))  # fmt: skip
+    return chunks
+
+
+def check_microbatch(size: int | None, what: str) -> None:
+    """None or a positive int, else ValueError naming `what`."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ValueError(f"{what}={size!r}; expected a positive int or None")
 
 
 def require_batch(batch: Batch | None, what: str) -> None:
@@ -153,13 +242,16 @@ def per_sample_grads(
     """∇θ L[n] for every prompt by `vmap(grad)`: a dict of [N, *shape] tensors.
 
     `chunk_size` prompts are vmapped at a time (None: all at once); memory grows with it.
+    SDPA has no vmap batching rule on CPU (torch 2.13): vmap runs its kernel once per prompt
+    (a PyTorch performance warning says so), exact and memory-bounded.
     """
     check_loss_args(loss, weighting)
     model.check_lora(lora)
     batch = prepared(model, batch)
     fn = per_prompt_loss_fn(
-        model, batch, loss=loss, weighting=weighting, temperature=check_temperature(temperature)
-    )
+        model, batch, loss=loss, weighting=weighting, temperature=check_temperature(temperature),
+        kernels=reverse_kernels(batch, prompts=chunk_size),
+    )  # fmt: skip
 
     def one(lora, *tensors):  # one prompt: [G, T] tensors -> scalar loss
         return fn(lora, *(t[None] for t in tensors))[0]

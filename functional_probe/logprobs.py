@@ -3,7 +3,9 @@
 S[n, g] = Σ_t log softmax(z_t / τ)[y_t] over the response tokens of row (n, g), where
 z_t = h_{t−1} Wᵀ are the logits that predict token t. The head runs only on response columns
 (every prompt ends at the batch's `prompt_end`), a chunk of columns at a time, as
-`z[y] − logsumexp(z)`: no [rows × T × V] logits or log-softmax exist at once.
+`z[y] − logsumexp(z)`: no [rows × T × V] logits or log-softmax exist at once. With
+`Kernels(head="recompute")` (first-order reverse) the head is `head.chunked_logprobs`, whose
+backward recomputes each chunk's logits, so reverse mode keeps nothing of size [tokens × V].
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from torch import Tensor
 
 from .batch import Batch
+from .head import chunked_logprobs
 from .model import FunctionalModel
+from .model.kernels import PLAIN, Kernels
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -46,7 +50,8 @@ def token_logprobs(
     about `chunk_tokens` positions. Memory bound, no-grad and forward mode: the largest
     vocabulary-sized tensors are a few of [R, max(1, chunk_tokens // R), V] at a time. Reverse
     mode saves each chunk's logits for the backward (no recomputation), so what it keeps grows
-    like R × L × V — but never the full log-softmax beside the logits. Measured by
+    like R × L × V — but never the full log-softmax beside the logits; first-order reverse
+    passes use `head.chunked_logprobs` instead, which keeps only [R × L, D]. Measured by
     bench/logprobs_memory.py (vocab 32768, 16 × 512 tokens): peak 398 MiB vs 3088 MiB for full
     logits + log_softmax without grad, 984 vs 5161 MiB under jvp, 1758 vs 4368 MiB under grad.
     Static shapes only, so it runs under vmap as well as grad, jvp and vjp.
@@ -70,17 +75,20 @@ def sequence_logprobs(
     *,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    kernels: Kernels = PLAIN,
 ) -> Tensor:
     """S [N, G] in at least fp32 (nats), summed over response tokens only; pure in `lora`.
 
     A row's S does not depend on its batch or padding: positions come from the mask and
-    padded targets are masked out. Memory of the head: see `token_logprobs`.
+    padded targets are masked out. Memory of the head: see `token_logprobs`. `kernels`:
+    PLAIN composes with every transform; `model.kernels.first_order_kernels` is for
+    first-order reverse (grad, vmap(grad)) and no-grad passes.
     """
     temperature = check_temperature(temperature)
     batch = prepared(model, batch)
     return grouped_logprobs(
         model, lora, batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask,
-        prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens,
+        prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens, kernels=kernels,
     )  # fmt: skip
 
 
@@ -95,19 +103,19 @@ def grouped_logprobs(
     prompt_end: int,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    kernels: Kernels = PLAIN,
 ) -> Tensor:
     """S on the tensors of a Batch: [..., G, T] inputs -> [..., G], no data-dependent shapes,
     so a vmap over prompts (leading dim) works. Inputs are unchecked: see `sequence_logprobs`."""
     lead = input_ids.shape[:-1]
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [(...·G), T]
     ids, response = flat(input_ids), flat(response_mask)
-    hidden = model.hidden_states(lora, ids, flat(attention_mask), flat(position_ids))  # [R, T, D]
+    hidden = model.hidden_states(lora, ids, flat(attention_mask), flat(position_ids), kernels=kernels)
     h_cols, y_cols = slice(prompt_end - 1, -1), slice(prompt_end, None)
     keep = response[:, y_cols]  # [R, L]
     targets = torch.where(keep, ids[:, y_cols], 0)  # pad ids may lie outside the vocabulary
-    logp = token_logprobs(
-        hidden[:, h_cols], model.head_weight, targets, temperature=temperature, chunk_tokens=chunk_tokens
-    )
+    head = chunked_logprobs if kernels.head == "recompute" else token_logprobs
+    logp = head(hidden[:, h_cols], model.head_weight, targets, temperature=temperature, chunk_tokens=chunk_tokens)
     return (logp * keep).sum(-1).reshape(lead)
 
 

@@ -132,3 +132,49 @@ def test_lora_dict_with_missing_key_is_named(tiny_fp32, rollouts):
     del lora[key]
     with pytest.raises(ValueError, match=f"missing '{key}'"):
         fp.mean_grad(tiny_fp32, lora, fp.make_batch(*rollouts[:2]))
+
+
+def test_long_rows_mean_grad_equals_peft_autograd_with_checkpointing_and_sdpa(tiny_fp32):
+    """T ≈ 600 on the tiny model: SDPA, recompute head and per-layer checkpointing all active."""
+    from functional_probe.grads import reverse_kernels
+
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, tiny_fp32.vocab_size, (40,), generator=gen).tolist()]
+    responses = [[torch.randint(0, tiny_fp32.vocab_size, (n,), generator=gen).tolist() for n in (560, 430)]]
+    batch = fp.make_batch(prompts, responses, advantages=[[0.5, -1.0]])
+    kernels = reverse_kernels(batch)
+    assert (kernels.attention, kernels.head, kernels.checkpoint) == ("sdpa", "recompute", True)
+    for loss in ("x", "y"):
+        ref = mean_of(peft_prompt_grads(peft_twin(tiny_fp32), prompts, responses, [[0.5, -1.0]], loss))
+        got = fp.mean_grad(tiny_fp32, tiny_fp32.lora, batch, loss=loss)
+        assert_not_trivial(ref)
+        assert dict_rel_err(got, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("loss,weighting", [("x", "dr_grpo"), ("x", "per_token_avg"), ("y", "dr_grpo")])
+@pytest.mark.parametrize("response_microbatch", [1, 2])
+def test_response_microbatches_equal_unsplit_and_peft(tiny_fp32, rollouts, loss, weighting, response_microbatch):
+    prompts, responses, adv = rollouts
+    batch = fp.make_batch(prompts, responses, advantages=adv)
+    kw = dict(loss=loss, weighting=weighting)
+    whole = fp.mean_grad(tiny_fp32, tiny_fp32.lora, batch, **kw)
+    split = fp.mean_grad(tiny_fp32, tiny_fp32.lora, batch, microbatch=3, response_microbatch=response_microbatch, **kw)
+    ref = mean_of(peft_prompt_grads(peft_twin(tiny_fp32), prompts, responses, adv, loss, weighting))
+    assert_not_trivial(ref)
+    assert dict_rel_err(split, whole) <= 1e-5
+    assert dict_rel_err(split, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_bad_response_microbatch_raises(tiny_fp32, rollouts, bad):
+    with pytest.raises(ValueError, match="response_microbatch="):
+        fp.mean_grad(tiny_fp32, tiny_fp32.lora, fp.make_batch(*rollouts[:2]), response_microbatch=bad)
+
+
+def test_reverse_kernels_pass_the_key_mask_only_for_left_padded_batches(tiny_fp32):
+    from functional_probe.grads import reverse_kernels
+
+    right_only = fp.make_batch([[1, 2, 3]], [[[4, 5, 6, 7], [8]]])
+    left = fp.make_batch([[1, 2, 3], [4]], [[[5]], [[6]]])
+    assert reverse_kernels(right_only).causal_only and not reverse_kernels(left).causal_only
+    assert not reverse_kernels(right_only).checkpoint

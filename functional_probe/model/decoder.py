@@ -1,21 +1,27 @@
 """The pure primal forward of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3).
 
 A compact re-implementation in the style of gpt-fast: every frozen tensor is a buffer, the
-LoRA factors are the only parameters, attention is written in plain differentiable ops (so
-forward-mode AD works on every device; SDPA has no forward-mode rule on CPU). Module names
-mirror transformers' (`layers.0.self_attn.q_proj`), so checkpoint keys map one to one.
+LoRA factors are the only parameters. How it computes is the caller's `Kernels` (kernels.py):
+by default attention in plain differentiable ops (forward-mode AD works on every device; SDPA
+has no forward-mode rule on CPU); for first-order reverse SDPA and per-layer checkpointing.
+Module names mirror transformers' (`layers.0.self_attn.q_proj`), so checkpoint keys map one to one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .attention import attention_allowed, plain_attention, sdpa_attention, sdpa_bias
+from .checkpoint import checkpointed
+from .kernels import PLAIN, Kernels
 from .layers import RMSNorm, apply_rotary, rotary_cos_sin
+
+__all__ = ["MLP", "PROJECTIONS", "SUPPORTED_ARCHITECTURES", "Attention", "Block", "Decoder",
+           "DecoderConfig", "attention_allowed"]  # fmt: skip
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,7 +83,7 @@ class DecoderConfig:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention in plain ops, softmax in at least fp32."""
+    """Causal grouped-query attention (plain ops or SDPA, see attention.py)."""
 
     def __init__(self, cfg: DecoderConfig, linears: dict[str, nn.Module], norms: dict) -> None:
         super().__init__()
@@ -88,8 +94,9 @@ class Attention(nn.Module):
         self.group = cfg.num_heads // cfg.num_kv_heads
         self.head_dim = cfg.head_dim
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor) -> Tensor:
-        """x [B, T, D], cos/sin [B, T, d], allowed [B, 1, 1, T, T] bool -> [B, T, D]."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kernels: Kernels = PLAIN) -> Tensor:
+        """x [B, T, D], cos/sin [B, T, d] -> [B, T, D]. mask: `attention_allowed` [B, 1, 1, T, T]
+        bool for plain attention; for SDPA `sdpa_bias` [B, 1, T, T], or None (causal only)."""
         d = self.head_dim
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=d)
         k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=d)
@@ -97,15 +104,11 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = rearrange(
-            q, "b (k r) t d -> b k r t d", k=self.num_kv_heads
-        )  # r query heads per kv head
-        scores = torch.einsum("bkrtd,bksd->bkrts", q, k) * d**-0.5
-        # A finite fill keeps fully masked rows (left-pad queries) uniform instead of NaN.
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
-        out = torch.einsum("bkrts,bksd->bkrtd", probs, v)
-        return self.o_proj(rearrange(out, "b k r t d -> b t (k r d)"))
+        if kernels.attention == "plain":
+            out = plain_attention(q, k, v, mask)
+        else:
+            out = sdpa_attention(q, k, v, mask)
+        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
 class MLP(nn.Module):
@@ -128,8 +131,8 @@ class Block(nn.Module):
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kernels: Kernels = PLAIN) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kernels)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -159,18 +162,24 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", inv_freq)
         self.attention_scaling = float(attention_scaling)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, position_ids [B, T] int64, attention_mask [B, T] bool -> hidden [B, T, D]."""
+    def forward(
+        self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, kernels: Kernels = PLAIN
+    ) -> Tensor:
+        """input_ids, position_ids [B, T] int64, attention_mask [B, T] bool -> hidden [B, T, D].
+
+        With `kernels.checkpoint` each layer keeps only its input for backward and recomputes
+        the rest (checkpoint.py), so reverse mode holds [B, T, D] per layer plus one layer's
+        activations at a time.
+        """
         x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq, self.attention_scaling, x.dtype)
-        allowed = attention_allowed(attention_mask)
+        if kernels.attention == "plain":
+            mask = attention_allowed(attention_mask)
+        else:
+            mask = None if kernels.causal_only else sdpa_bias(attention_mask, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, allowed)
+            if kernels.checkpoint:
+                x = checkpointed(layer, x, (cos, sin, mask, kernels.layer))
+            else:
+                x = layer(x, cos, sin, mask, kernels)
         return self.norm(x)
-
-
-def attention_allowed(attention_mask: Tensor) -> Tensor:
-    """Causal ∧ key-is-real: [B, T] bool -> [B, 1, 1, T, T] bool (query t may see key s)."""
-    t = attention_mask.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
-    return (causal & attention_mask[:, None, :])[:, None, None]

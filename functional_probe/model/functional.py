@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .decoder import Decoder
+from .kernels import PLAIN, Kernels
 
 PEFT_PREFIX = "base_model.model.model."
 
@@ -79,18 +80,22 @@ class FunctionalModel(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
+        *,
+        kernels: Kernels = PLAIN,
     ) -> Tensor:
         """Final normed hidden states [B, T, D] in the compute dtype; pure in `lora`.
 
         attention_mask [B, T] (1/True = real token) defaults to all ones; position ids
         default to `cumsum(mask) − 1` (0 on pads), so padding never shifts positions.
+        `kernels` (model/kernels.py): PLAIN composes with every transform; first-order reverse
+        passes may use `first_order_kernels` (SDPA, checkpointing; no forward mode).
         """
         self.check_lora(lora)
         mask = default_mask(input_ids, attention_mask)
         if position_ids is None:
             position_ids = positions_from_mask(mask)
         params = {self._internal[k]: v for k, v in lora.items()}
-        return functional_call(self.decoder, params, (input_ids, position_ids, mask))
+        return functional_call(self.decoder, params, (input_ids, position_ids, mask, kernels))
 
     def forward(
         self,
