@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .batch import Batch
 from .model import FunctionalModel
+from .model.fast_primal import fast_sequence_logprobs, plain_call
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -74,14 +75,16 @@ def sequence_logprobs(
     """S [N, G] in at least fp32 (nats), summed over response tokens only; pure in `lora`.
 
     A row's S does not depend on its batch or padding: positions come from the mask and
-    padded targets are masked out. Memory of the head: see `token_logprobs`.
+    padded targets are masked out. Memory of the head: see `token_logprobs`. Under no_grad,
+    outside torch.func transforms, it runs the merged-LoRA fast primal (model/fast_primal.py).
     """
     temperature = check_temperature(temperature)
     batch = prepared(model, batch)
-    return grouped_logprobs(
-        model, lora, batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask,
-        prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens,
-    )  # fmt: skip
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
+    kw = dict(prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens)
+    if not torch.is_grad_enabled() and plain_call(lora):  # no graph wanted: the merged fast primal
+        return fast_sequence_logprobs(model, lora, *args, **kw)
+    return grouped_logprobs(model, lora, *args, **kw)
 
 
 def grouped_logprobs(

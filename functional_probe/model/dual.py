@@ -157,7 +157,12 @@ def attention_dual(
         q, k = rms_norm_dual(attn.q_norm, q, True), rms_norm_dual(attn.k_norm, k, True)
     cos, sin, cos_q, sin_q = rotary
     qs, ks = q.new_empty(2, b, kh, t, r, d), k.new_empty(2, b, kh, t, d)
-    rotate_into(qs, rearrange(q, "n b t (k r) d -> n b k t r d", k=kh), cos_q[:, None, :, None], sin_q[:, None, :, None])
+    rotate_into(
+        qs,
+        rearrange(q, "n b t (k r) d -> n b k t r d", k=kh),
+        cos_q[:, None, :, None],
+        sin_q[:, None, :, None],
+    )
     rotate_into(ks, rearrange(k, "n b t k d -> n b k t d"), cos[:, None], sin[:, None])
     vv = rearrange(v, "n b t (k d) -> (b k) t (n d)", k=kh)  # [v, v̇]: [B·K, T, 2d]
     out = qkv.new_empty(2, b, t, kh, r, d)
