@@ -11,6 +11,7 @@ from transformers import LlamaConfig, MistralConfig, Qwen3Config
 import functional_probe as fp
 from functional_probe.model.decoder import PROJECTIONS, DecoderConfig
 from functional_probe.model.dual import dual_hidden_states, head_logprobs_tangent
+from functional_probe.model.dual_attention import attention_pair
 from functional_probe.model.loading import LoraSpec, build_model, dense_or_nf4
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 
@@ -242,3 +243,20 @@ def test_sequence_logprob_tangent_equals_finite_differences():
     seq = torch.zeros(3, dtype=torch.float64).index_add_(0, rows.nonzero()[:, 0], logp_dot)
     assert finite.abs().min() > 1e-3
     assert rel_err(seq, finite) <= 1e-6
+
+
+def test_block_attention_never_allocates_a_full_score_matrix():
+    """Scores live one [block_q, block_k] tile per head at a time: no [T, T] tensor per head."""
+    b, kh, r, d, t = 1, 2, 2, 8, 256
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, b, kh, t, r, d, generator=gen), torch.randn(2, b * kh, t, d, generator=gen)
+    v, mask = torch.randn(b * kh, t, 2 * d, generator=gen), torch.ones(b, t, dtype=torch.bool)
+    outs = torch.empty(2, 2, b, t, kh, r, d)
+    with LargestOutput() as tiled:
+        attention_pair(q, k, v, mask, outs[0], 32, 32)
+    with LargestOutput() as whole:
+        attention_pair(q, k, v, mask, outs[1], t, t)
+    assert whole.largest >= kh * r * t * t  # one block holds the [heads, T, T] scores
+    # views of the inputs and outputs count too; nothing of size [heads, T, T] is made
+    assert tiled.largest <= max(kh * r * 32 * 32, outs[0].numel()) < kh * r * t * t // 8
+    assert rel_err(outs[0], outs[1]) <= 1e-5
