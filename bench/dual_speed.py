@@ -186,7 +186,8 @@ def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 def long_point(seq: int, responses: int, threads: int) -> dict:
     """One fresh-process point of the long-T sweep: 1 prompt (64 tokens) x `responses` responses
-    filling T columns; time and peak RSS over the loaded model of alpha_projections(method="jvp")."""
+    filling T columns; wall and process CPU time (less sensitive to other processes) and peak RSS
+    over the loaded model of alpha_projections(method="jvp")."""
     torch.set_num_threads(threads)
     model = make_model("smollm2")
     gen = torch.Generator().manual_seed(0)
@@ -196,10 +197,10 @@ def long_point(seq: int, responses: int, threads: int) -> dict:
     )
     direction = random_direction(model.lora)
     reset = reset_peak_rss()
-    before, start = current_rss(), time.perf_counter()
+    before, start, start_cpu = current_rss(), time.perf_counter(), time.process_time()
     s = fp.alpha_projections(model, model.lora, batch, direction, loss="y", method="jvp")
-    seconds = time.perf_counter() - start
-    return {"T": seq, "rows": responses, "seconds": seconds, "peak_mib": (peak_rss() - before) / 2**20,
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return {"T": seq, "rows": responses, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": (peak_rss() - before) / 2**20,
             "rss_before_mib": before / 2**20, "hwm_reset": reset, "finite": bool(torch.isfinite(s).all())}  # fmt: skip
 
 
