@@ -230,6 +230,8 @@ def plot(report: dict, path: str) -> None:
         times = report["points"][seq]["times"]
         xs = [j + 0.35 * i for j, n in enumerate(names) if n in times]
         left.bar(xs, [times[n]["x_hf"] for n in names if n in times], width=0.35, label=f"T={seq}")
+    if not seqs:
+        left.axis("off")
     left.axhline(1.0, color="k", lw=0.8)
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("median time / transformers eager forward")
