@@ -1,44 +1,74 @@
-"""Speed of the dual forward against transformers' eager forward (DESIGN §3, "small" config).
+"""Speed of the dual forward and the fast primal against transformers' eager forward (issue 17).
 
-Run: ``python bench/dual_speed.py [--batch 64] [--seq 128] [--repeats 7] [--quantize nf4] [--profile]``,
-optionally under ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`` (the code does not
-depend on it; the allocator in use is printed). Minima are printed besides medians because on a
-shared 2-core machine other processes inflate medians (the load average is printed); so is the
-process CPU time (robust to other processes with ``--threads 1``). Model: a random Qwen2, hidden 256, intermediate 704, 4 layers, 4 query /
-2 kv heads, vocab 4096, LoRA r=8 on all 7 projections with both factors non-zero; fp32,
-2 threads. Timed, interleaved, medians of ``--repeats``:
+Run: ``python bench/dual_speed.py [--size smollm2|small] [--seq 128 512] [--rounds 7] [--profile]
+[--out bench/results/dual_speed]``, optionally under
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`` (the allocator in use is printed and saved).
+Models (random weights, no download; LoRA r=8, alpha=16 on all 7 projections, both factors non-zero):
+``smollm2`` = SmolLM2-135M's shape (Llama, hidden 576, 30 layers, 9/3 heads, head_dim 64, MLP 1536,
+vocab 49152, tied); ``small`` = DESIGN §3's Qwen2 (hidden 256, 4 layers, vocab 4096). Batch: 8 prompts x
+2 responses, T columns, ragged (prompts T/8..T/4, responses T/2..3T/4: left and right padding).
+Timed in one process, the order shuffled every round, medians and [min, max] of ``--rounds``:
 
-- ``hf``      transformers eager forward of the PEFT twin (logits), no_grad
-- ``primal``  our forward: ``model.hidden_states`` + head logits, no_grad
-- ``jvp``     ``torch.func.jvp`` of per-token log-probs over ``model.hidden_states`` + head
-- ``dual``    ``dual_hidden_states`` + ``head_logprobs_tangent`` on all B·T positions
+- ``hf``           transformers eager forward of the PEFT twin (logits at every position), no_grad
+- ``primal``       ``fp.sequence_logprobs`` under no_grad (the fast primal)
+- ``plain_primal`` the same S through the plain forward (``grouped_logprobs``), no_grad
+- ``dual``         ``fp.sequence_logprobs_and_tangent`` (what ``method="jvp"`` runs)
+- ``jvp``          ``fp.alpha_projections(method="jvp")``
+- ``dual_nf4``     the dual on the same model with NF4 base linears
+
+On this shared 2-core machine other processes inflate times; ratios of interleaved runs are what
+the bench reports (the load average is printed). ``--profile`` splits one dual and one primal call
+into matmul, attention and head shares with torch.profiler.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 
 import torch
-from transformers import Qwen2Config
 
-from functional_probe.model.dual import dual_hidden_states, head_logprobs_tangent
+import functional_probe as fp
+from functional_probe.benchmark.memory import current_rss, peak_rss, reset_peak_rss
+from functional_probe.benchmark.points import bench_batch, random_direction
+from functional_probe.logprobs import grouped_logprobs
+from functional_probe.model import dual, fast_primal
 from functional_probe.model.loading import build_model, dense_or_nf4
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 from functional_probe.reference import peft_twin
 
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_")
 
-def small_model(quantize: str | None = None):
-    config = Qwen2Config(
-        vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
+
+def config(size: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    if size == "smollm2":
+        return LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+            max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        )  # fmt: skip
+    return Qwen2Config(
+        vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
     )  # fmt: skip
-    state = tiny_state_dict(config, seed=0)
+
+
+def make_model(size: str, quantize: str | None = None):
+    cfg = config(size)
+    state = tiny_state_dict(cfg, seed=0)
+    if cfg.tie_word_embeddings:
+        state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
     frozen = dense_or_nf4(state.get, quantize, torch.float32, "cpu")
-    return build_model(config, state.get, frozen, tiny_lora(config, rank=8, alpha=16.0))
+    return build_model(cfg, state.get, frozen, tiny_lora(cfg, rank=8, alpha=16.0))
 
 
 def allocator() -> str:
@@ -49,84 +79,225 @@ def allocator() -> str:
     return f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}; tuned malloc: {tuned or 'none (glibc)'}"
 
 
-def make_runners(model, batch: int, seq: int):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.vocab_size, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.bool)
-    targets = ids.roll(-1, dims=1)
-    lora = model.lora
-    direction = {k: torch.randn(v.shape, generator=gen) for k, v in lora.items()}
-    head = model.head_weight
+def make_runners(model, nf4_model, batch, with_nf4: bool):
+    lora, direction = model.lora, random_direction(model.lora)
     twin = peft_twin(model)
-
-    def token_logp(lo):
-        logits = model.hidden_states(lo, ids, mask) @ head.T
-        return logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    b = batch
 
     def hf():
         with torch.no_grad():
-            return twin(input_ids=ids, attention_mask=mask.long()).logits
+            return twin(
+                input_ids=b.input_ids.flatten(0, 1), attention_mask=b.attention_mask.flatten(0, 1).long()
+            ).logits
 
     def primal():
         with torch.no_grad():
-            return model.hidden_states(lora, ids, mask) @ head.T
+            return fp.sequence_logprobs(model, lora, b)
 
-    def jvp():
-        return torch.func.jvp(token_logp, (lora,), (direction,))[1]
+    def plain_primal():
+        with torch.no_grad():
+            args = (b.input_ids, b.attention_mask, b.position_ids, b.response_mask)
+            return grouped_logprobs(model, lora, *args, prompt_end=b.prompt_end)
 
-    def dual():
-        h, h_dot = dual_hidden_states(model, lora, direction, ids, mask)
-        d = h.shape[-1]
-        return head_logprobs_tangent(h.reshape(-1, d), h_dot.reshape(-1, d), head, targets.reshape(-1))[1]
+    runners = {
+        "hf": hf, "primal": primal, "plain_primal": plain_primal,
+        "dual": lambda: fp.sequence_logprobs_and_tangent(model, lora, direction, b),
+        "jvp": lambda: fp.alpha_projections(model, lora, b, direction, method="jvp"),
+    }  # fmt: skip
+    if with_nf4:
+        runners["dual_nf4"] = lambda: fp.sequence_logprobs_and_tangent(nf4_model, lora, direction, b)
+    return runners
 
-    return {"hf": hf, "primal": primal, "jvp": jvp, "dual": dual}
+
+def check(model, batch) -> dict[str, float]:
+    """Relative errors of the fast paths against torch.func.jvp / autograd over the plain forward."""
+    lora, direction = model.lora, random_direction(model.lora)
+    S_of = lambda lo: fp.sequence_logprobs(model, lo, batch)  # noqa: E731
+    ref, ref_dot = torch.func.jvp(S_of, (lora,), (direction,))
+    S, S_dot = fp.sequence_logprobs_and_tangent(model, lora, direction, batch)
+    with torch.no_grad():
+        fast = fp.sequence_logprobs(model, lora, batch)
+    err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return {"dual_S": err(S, ref), "dual_S_dot": err(S_dot, ref_dot), "primal_S": err(fast, ref)}
+
+
+def time_interleaved(runners, rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    for run in runners.values():  # warm-up
+        run()
+    times, order, rng = {k: [] for k in runners}, list(runners), random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@contextmanager
+def labelled(module, name: str, label: str):
+    """Wrap module.name in a torch.profiler record_function (bench-only instrumentation)."""
+    original = getattr(module, name)
+
+    def wrapped(*a, **k):
+        with torch.profiler.record_function(label):
+            return original(*a, **k)
+
+    setattr(module, name, wrapped)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def profile_shares(run) -> dict[str, float]:
+    """Share of one call's CPU time in matmuls (self time of mm/bmm/addmm/baddbmm), in attention
+    (inside attention_dual / attention_fast) and in the head."""
+    with (
+        labelled(dual, "attention_dual", "attention"), labelled(fast_primal, "attention_fast", "attention"),
+        labelled(dual, "head_logprobs_tangent", "head"), labelled(fast_primal, "head_logprobs", "head"),
+        torch.profiler.profile() as prof,
+    ):  # fmt: skip
+        with torch.profiler.record_function("total"):
+            run()
+    by_name = {e.key: e for e in prof.key_averages()}
+    total = by_name["total"].cpu_time_total
+    matmul = sum(by_name[k].self_cpu_time_total for k in MATMULS if k in by_name)
+    share = lambda k: by_name[k].cpu_time_total / total if k in by_name else 0.0  # noqa: E731
+    return {
+        "total_ms": total / 1e3,
+        "matmul": matmul / total,
+        "attention": share("attention"),
+        "head": share("head"),
+    }
+
+
+def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    base = statistics.median(times["hf"])
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "x_hf": med / base}
+    out["dual"]["x_primal"] = out["dual"]["median_s"] / out["primal"]["median_s"]
+    if "dual_nf4" in out:
+        out["dual_nf4"]["x_dual"] = out["dual_nf4"]["median_s"] / out["dual"]["median_s"]
+    return out
+
+
+def long_point(seq: int, responses: int, threads: int) -> dict:
+    """One fresh-process point of the long-T sweep: 1 prompt (64 tokens) x `responses` responses
+    filling T columns; wall and process CPU time (less sensitive to other processes) and peak RSS
+    over the loaded model of alpha_projections(method="jvp")."""
+    torch.set_num_threads(threads)
+    model = make_model("smollm2")
+    gen = torch.Generator().manual_seed(0)
+    tokens = lambda n: torch.randint(0, model.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
+    batch = fp.make_batch(
+        [tokens(64)], [[tokens(seq - 64) for _ in range(responses)]], advantages=[[1.0] * responses]
+    )
+    direction = random_direction(model.lora)
+    reset = reset_peak_rss()
+    before, start, start_cpu = current_rss(), time.perf_counter(), time.process_time()
+    s = fp.alpha_projections(model, model.lora, batch, direction, loss="y", method="jvp")
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return {"T": seq, "rows": responses, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": (peak_rss() - before) / 2**20,
+            "rss_before_mib": before / 2**20, "hwm_reset": reset, "finite": bool(torch.isfinite(s).all())}  # fmt: skip
+
+
+def long_sweep(seqs: list[int], responses: int, threads: int) -> list[dict]:
+    """`long_point` of each T in a fresh subprocess (same interpreter, environment, LD_PRELOAD)."""
+    out = []
+    for seq in seqs:
+        cmd = [sys.executable, __file__, "--long-point", str(seq), "--responses", str(responses),
+               "--threads", str(threads)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  T={seq}: {out[-1]}")
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    """Ratios to hf per point (left) and the long-T sweep's time and peak memory (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = ["primal", "plain_primal", "dual", "jvp", "dual_nf4"]
+    seqs = list(report["points"])
+    for i, seq in enumerate(seqs):
+        times = report["points"][seq]["times"]
+        xs = [j + 0.35 * i for j, n in enumerate(names) if n in times]
+        left.bar(xs, [times[n]["x_hf"] for n in names if n in times], width=0.35, label=f"T={seq}")
+    if not seqs:
+        left.axis("off")
+    left.axhline(1.0, color="k", lw=0.8)
+    left.set_xticks(range(len(names)), names)
+    left.set_ylabel("median time / transformers eager forward")
+    left.set_title(f"{report['size']}, 16 rows, {report['threads']} threads (contended)")
+    left.legend()
+    sweep = report.get("long", [])
+    if sweep:
+        ts = [p["T"] for p in sweep]
+        right.loglog(ts, [p["seconds"] for p in sweep], "o-", label="jvp time (s)")
+        right.loglog(ts, [p["peak_mib"] / 1024 for p in sweep], "s-", label="jvp peak over model (GB)")
+        right.loglog(
+            ts, [sweep[0]["seconds"] * (t / ts[0]) ** 2 for t in ts], "k:", label="T² from the first"
+        )
+        right.set_xlabel("T (tokens per row)")
+        right.set_title(f"alpha_projections(method='jvp'), 1 prompt x {sweep[0]['rows']}")
+        right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--size", choices=["smollm2", "small"], default="smollm2")
+    parser.add_argument("--seq", type=int, nargs="*", default=[128, 512])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quantize", choices=["nf4"], default=None, help="NF4 base linears")
-    parser.add_argument("--profile", action="store_true", help="profile the dual once and print ops")
+    parser.add_argument("--no-nf4", action="store_true", help="skip the NF4 dual")
+    parser.add_argument("--profile", action="store_true", help="matmul / attention / head shares")
+    parser.add_argument("--long", type=int, nargs="*", default=[], help="long-T sweep (fresh processes)")
+    parser.add_argument("--responses", type=int, default=4, help="responses per prompt in the long sweep")
+    parser.add_argument("--long-point", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="write <out>.json and <out>.png")
     args = parser.parse_args()
+    if args.long_point is not None:
+        print(json.dumps(long_point(args.long_point, args.responses, args.threads)))
+        return
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = small_model(args.quantize)
-    runners = make_runners(model, args.batch, args.seq)
-    ref = runners["jvp"]().reshape(-1)
-    got = runners["dual"]()
-    err = ((got - ref).norm() / ref.norm()).item()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {allocator()}")
-    print(
-        f"batch {args.batch} x T={args.seq}, base {args.quantize or 'fp32'}; dual vs jvp relative error {err:.2e}"
-    )
-    times = {name: [] for name in runners}
-    cpu = {name: [] for name in runners}
-    for run in runners.values():  # warm-up
-        run()
-    for _ in range(args.repeats):
-        for name, run in runners.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    base, base_min, base_cpu = (f(t["hf"]) for f, t in ((statistics.median, times), (min, times), (min, cpu)))
-    for name, ts in times.items():
-        med, low, low_cpu = statistics.median(ts), min(ts), min(cpu[name])
-        print(
-            f"{name:>7}: median {med * 1e3:7.1f} ms ({med / base:4.2f} x hf)  "
-            f"min {low * 1e3:7.1f} ms ({low / base_min:4.2f} x hf)  max {max(ts) * 1e3:6.0f} ms  "
-            f"min CPU time {low_cpu * 1e3:7.1f} ms ({low_cpu / base_cpu:4.2f} x hf)"
-        )
-    ratio = statistics.median(times["dual"]) / statistics.median(times["primal"])
-    print(f"dual / primal (medians): {ratio:.2f}")
-    print(f"load average after the run: {os.getloadavg()[0]:.2f} (other processes on {os.cpu_count()} cores)")
-    if args.profile:
-        with torch.profiler.profile() as prof:
-            runners["dual"]()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    model = make_model(args.size)
+    nf4_model = None if args.no_nf4 else make_model(args.size, "nf4")
+    report = {"size": args.size, "torch": torch.__version__, "threads": args.threads, "allocator": allocator(),
+              "rounds": args.rounds, "points": {}}  # fmt: skip
+    print(f"{args.size}; torch {torch.__version__}, {args.threads} threads; {report['allocator']}")
+    for seq in args.seq:
+        batch = bench_batch(args.prompts, seq, model.vocab_size, group=2)
+        point = {"rows": batch.input_ids.shape[0] * batch.input_ids.shape[1], "check": check(model, batch)}
+        runners = make_runners(model, nf4_model, batch, nf4_model is not None)
+        point["times"] = summarize(time_interleaved(runners, args.rounds))
+        if args.profile:
+            point["profile"] = {k: profile_shares(runners[k]) for k in ("hf", "primal", "dual")}
+        point["load_average"] = os.getloadavg()[0]
+        report["points"][seq] = point
+        print(f"T={seq}: {point['rows']} rows; errors {point['check']}; load {point['load_average']:.1f}")
+        for name, t in point["times"].items():
+            extra = "".join(f"  {k} {v:.2f}" for k, v in t.items() if k in ("x_primal", "x_dual"))
+            print(
+                f"  {name:>12}: median {t['median_s']:7.3f} s [{t['min_s']:.3f}, {t['max_s']:.3f}]  {t['x_hf']:.2f} x hf{extra}"
+            )
+        for name, p in point.get("profile", {}).items():
+            print(f"  profile {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in p.items()))
+    if args.long:
+        report["long"] = long_sweep(args.long, args.responses, args.threads)
+    if args.out:
+        with open(f"{args.out}.json", "w") as f:
+            json.dump(report, f, indent=1)
+        plot(report, f"{args.out}.png")
 
 
 if __name__ == "__main__":

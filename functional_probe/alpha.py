@@ -40,6 +40,7 @@ from .grads import (
 from .logprobs import check_temperature, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
 from .model import FunctionalModel
+from .model.fast_primal import plain_call
 from .model.functional import check_same_keys_and_shapes
 from .stats import Moments, moments
 from .validation import check_step_size
@@ -114,7 +115,13 @@ def projection_one(model, lora, batch, direction, **kw) -> Tensor:
 
 def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature) -> Tensor:
     """s = J v from the dual forward: (S, Ṡ) in one pass, then the loss's jvp in S
-    (its leave-one-out coefficient is under stop-gradient, so it stays frozen)."""
+    (its leave-one-out coefficient is under stop-gradient, so it stays frozen). Under a torch.func
+    transform or autograd tracking lora/direction the dual (no graph, unbatched) cannot serve, so
+    `projections_func_jvp` runs instead: the same s, composable."""
+    if not plain_call(lora, direction):
+        return projections_func_jvp(
+            model, lora, batch, direction, loss=loss, weighting=weighting, temperature=temperature
+        )
     S, S_dot = sequence_logprobs_and_tangent(model, lora, direction, batch, temperature=temperature)
     if loss == "x":
         return jvp(lambda S: x_losses(S, batch, weighting=weighting), (S,), (S_dot,))[1]

@@ -19,6 +19,7 @@ from torch import Tensor
 from .batch import Batch
 from .head import chunked_logprobs
 from .model import FunctionalModel
+from .model.fast_primal import fast_sequence_logprobs, plain_call
 from .model.kernels import PLAIN, Kernels
 
 DEFAULT_CHUNK_TOKENS = 1024
@@ -82,14 +83,16 @@ def sequence_logprobs(
     A row's S does not depend on its batch or padding: positions come from the mask and
     padded targets are masked out. Memory of the head: see `token_logprobs`. `kernels`:
     PLAIN composes with every transform; `model.kernels.first_order_kernels` is for
-    first-order reverse (grad, vmap(grad)) and no-grad passes.
+    first-order reverse (grad, vmap(grad)) and no-grad passes. Under no_grad, outside
+    torch.func transforms, it runs the merged-LoRA fast primal (model/fast_primal.py).
     """
     temperature = check_temperature(temperature)
     batch = prepared(model, batch)
-    return grouped_logprobs(
-        model, lora, batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask,
-        prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens, kernels=kernels,
-    )  # fmt: skip
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
+    kw = dict(prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens)
+    if not torch.is_grad_enabled() and plain_call(lora):  # no graph wanted: the merged fast primal
+        return fast_sequence_logprobs(model, lora, *args, **kw)
+    return grouped_logprobs(model, lora, *args, **kw, kernels=kernels)
 
 
 def grouped_logprobs(

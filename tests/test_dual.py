@@ -6,11 +6,12 @@ import pytest
 import torch
 from helpers import random_direction, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, Qwen3Config
+from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
 import functional_probe as fp
 from functional_probe.model.decoder import PROJECTIONS, DecoderConfig
 from functional_probe.model.dual import dual_hidden_states, head_logprobs_tangent
+from functional_probe.model.dual_attention import attention_pair
 from functional_probe.model.loading import LoraSpec, build_model, dense_or_nf4
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 
@@ -42,6 +43,11 @@ QWEN3 = Qwen3Config(
     num_key_value_heads=2, head_dim=32,
 )  # fmt: skip
 
+MISTRAL = MistralConfig(
+    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, sliding_window=None,
+)  # fmt: skip
+
 MODELS = {
     "tiny-fp32": lambda dtype: fp.tiny_model(quantize=None, dtype=dtype),
     "tiny-nf4": lambda dtype: fp.tiny_model(quantize="nf4", dtype=dtype),
@@ -60,6 +66,47 @@ def inputs(vocab: int, seed: int = 0):
     mask[1, :7] = False
     mask[3] = False
     return ids, mask
+
+
+def padded_inputs(vocab: int, t: int = 23, seed: int = 0):
+    """ids [4, t]: row 0 full, row 1 left-padded past the first blocks, row 2 right-padded, row 3 both."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (4, t), generator=gen)
+    mask = torch.ones(4, t, dtype=torch.bool)
+    mask[1, :9] = False
+    mask[2, t - 6 :] = False
+    mask[3, :4] = mask[3, t - 3 :] = False
+    return ids, mask
+
+
+ARCHITECTURES = {
+    "llama": lambda: family_model(LLAMA, PROJECTIONS),
+    "mistral": lambda: family_model(MISTRAL, PROJECTIONS),
+    "qwen2-bias": lambda: fp.tiny_model(quantize=None),
+    "qwen3-qknorm": lambda: family_model(QWEN3, PROJECTIONS),
+}
+
+
+@pytest.mark.parametrize("blocks", [(5, 3), (4, 7), (8, 64), (64, 2)], ids=lambda b: f"q{b[0]}k{b[1]}")
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_block_causal_dual_equals_jvp_with_padding_and_ragged_blocks(arch, blocks):
+    model = ARCHITECTURES[arch]()
+    assert model.decoder.cfg.model_type == arch.split("-")[0]
+    lora, direction = model.lora, random_direction(model.lora, seed=1)
+    ids, mask = padded_inputs(model.vocab_size)
+    h, h_dot = dual_hidden_states(model, lora, direction, ids, mask, block_q=blocks[0], block_k=blocks[1])
+    ref, ref_dot = torch.func.jvp(lambda lo: model.hidden_states(lo, ids, mask), (lora,), (direction,))
+    assert ref_dot.norm() > 1e-2 * ref.norm()
+    for i in range(4):  # every row, its pad positions included
+        assert rel_err(h[i], ref[i]) <= 1e-5
+        assert rel_err(h_dot[i], ref_dot[i]) <= 1e-5
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.0, True])
+def test_block_sizes_must_be_positive_ints(tiny_fp32, size):
+    ids, mask = inputs(tiny_fp32.vocab_size)
+    with pytest.raises(ValueError, match="block_k"):
+        dual_hidden_states(tiny_fp32, tiny_fp32.lora, tiny_fp32.lora, ids, mask, block_k=size)
 
 
 def cast(d, dtype):
@@ -196,3 +243,20 @@ def test_sequence_logprob_tangent_equals_finite_differences():
     seq = torch.zeros(3, dtype=torch.float64).index_add_(0, rows.nonzero()[:, 0], logp_dot)
     assert finite.abs().min() > 1e-3
     assert rel_err(seq, finite) <= 1e-6
+
+
+def test_block_attention_never_allocates_a_full_score_matrix():
+    """Scores live one [block_q, block_k] tile per head at a time: no [T, T] tensor per head."""
+    b, kh, r, d, t = 1, 2, 2, 8, 256
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, b, kh, t, r, d, generator=gen), torch.randn(2, b * kh, t, d, generator=gen)
+    v, mask = torch.randn(b * kh, t, 2 * d, generator=gen), torch.ones(b, t, dtype=torch.bool)
+    outs = torch.empty(2, 2, b, t, kh, r, d)
+    with LargestOutput() as tiled:
+        attention_pair(q, k, v, mask, outs[0], 32, 32)
+    with LargestOutput() as whole:
+        attention_pair(q, k, v, mask, outs[1], t, t)
+    assert whole.largest >= kh * r * t * t  # one block holds the [heads, T, T] scores
+    # views of the inputs and outputs count too; nothing of size [heads, T, T] is made
+    assert tiled.largest <= max(kh * r * 32 * 32, outs[0].numel()) < kh * r * t * t // 8
+    assert rel_err(outs[0], outs[1]) <= 1e-5

@@ -11,7 +11,7 @@ low-rank tangent terms share one u = x [Ȧ; A]ᵀ product. The embedding has no 
 layer 0's first norm and q/k/v run on the primal only. Analytic rules:
     RMSNorm  y = w·x̂, x̂ = x·ρ, ρ = (mean x² + eps)^-½:   ẏ = w·ρ(ẋ − x̂·mean(x̂ ẋ))
     RoPE     linear: the same rotation on the tangent
-    softmax  ṗ = p ⊙ (ṡ − Σ p ṡ)  (ATen's softmax backward); masked entries contribute nothing
+    softmax  ṗ = p ⊙ (ṡ − Σ p ṡ), block-causal with an online softmax (dual_attention.py)
     SwiGLU   ȧ = silu'(g)·ġ·u + silu(g)·u̇  (ATen's silu backward)
 `head_logprobs_tangent` turns gathered (h, ḣ) rows into log-probs and their tangents in
 vocabulary-wide chunks without forming tangent logits. Both are no-grad fast paths; the
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .decoder import Attention, Block, attention_allowed
+from .decoder import Attention, Block
+from .dual_attention import BLOCK_K, BLOCK_Q, attention_pair, check_blocks
 from .functional import FunctionalModel, default_mask, positions_from_mask
 from .layers import LoRALinear, RMSNorm, rotary_cos_sin
 
@@ -143,13 +144,15 @@ def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
     o2.addcmul_(x1, sin)
 
 
-def attention_dual(attn: Attention, qkv: Tensor, rotary: tuple[Tensor, ...], allowed: Tensor) -> Tensor:
+def attention_dual(
+    attn: Attention, qkv: Tensor, rotary: tuple[Tensor, ...], key_mask: Tensor, blocks: tuple[int, int]
+) -> Tensor:
     """Causal GQA attention on the stacked pair qkv [2, B, T, (H + 2K)·d] -> [2, B, T, H·d].
 
-    rotary = (cos, sin, cos_q, sin_q), each [B, T, d/2] (see `rotary_halves`). With r = H/K:
-    s = q kᵀ/√d, ṡ = (q̇ kᵀ + q k̇ᵀ)/√d; p = softmax(s), ṗ = p ⊙ (ṡ − Σ p ṡ); o = p v, ȯ = ṗ v + p v̇.
-    Masked scores get decoder.Attention's finite fill; their ṡ needs no mask (p = 0 there exactly),
-    except in query rows that see no key, whose q and q̇ `rotary_halves` already zeroed (ṡ = 0).
+    rotary = (cos, sin, cos_q, sin_q), each [B, T, d/2] (see `rotary_halves`); key_mask [B, T]
+    bool; blocks = (block_q, block_k). With r = H/K: s = q kᵀ/√d, ṡ = (q̇ kᵀ + q k̇ᵀ)/√d,
+    p = softmax(s), o = p v, ȯ = ṗ v + p v̇, block-causal with an online softmax
+    (`dual_attention.attention_pair`), as decoder.Attention on padded rows too.
     """
     d, kh, r = attn.head_dim, attn.num_kv_heads, attn.group
     _, b, t, _ = qkv.shape
@@ -158,47 +161,36 @@ def attention_dual(attn: Attention, qkv: Tensor, rotary: tuple[Tensor, ...], all
     k = rearrange(k, "n b t (h d) -> n b t h d", d=d)
     if attn.q_norm is not None:
         q, k = rms_norm_dual(attn.q_norm, q, True), rms_norm_dual(attn.k_norm, k, True)
-    cos, sin, cos_q, sin_q = (c[:, None] for c in rotary)  # [B, 1, T, d/2]
-    qs, ks = q.new_empty(2, b, kh, r, t, d), k.new_empty(2, b, kh, t, d)
-    rotate_into(qs, rearrange(q, "n b t (k r) d -> n b k r t d", k=kh), cos_q[:, None], sin_q[:, None])
-    rotate_into(ks, rearrange(k, "n b t k d -> n b k t d"), cos, sin)
-    q0, q1 = qs.view(2, b * kh, r * t, d)
-    k0, k1 = ks.view(2, b * kh, t, d)
-    scores = q.new_empty(2, b * kh, r * t, t)
-    torch.bmm(q0, k0.mT, out=scores[0])
-    torch.bmm(q1, k0.mT, out=scores[1])
-    scores[1].baddbmm_(q0, k1.mT)
-    s, s_dot = scores.view(2, b, kh, r, t, t)
-    s.masked_fill_(~allowed, torch.finfo(s.dtype).min)
-    sm_dtype = torch.promote_types(qkv.dtype, torch.float32)
-    p = s.softmax(-1, dtype=sm_dtype)
-    p_dot = torch.ops.aten._softmax_backward_data(s_dot.to(sm_dtype), p, -1, sm_dtype)
-    p, p_dot = p.to(qkv.dtype).view(b, kh, r * t, t), p_dot.to(qkv.dtype).view(b, kh, r * t, t)
-    vv = rearrange(v, "n b t (k d) -> b k t (n d)", k=kh)  # [v, v̇]: [B, K, T, 2d]
-    o_all = (p @ vv).unflatten(2, (r, t))  # [B, K, r, T, 2d] = [o, p v̇]
+    cos, sin, cos_q, sin_q = rotary
+    qs, ks = q.new_empty(2, b, kh, t, r, d), k.new_empty(2, b, kh, t, d)
+    rotate_into(
+        qs,
+        rearrange(q, "n b t (k r) d -> n b k t r d", k=kh),
+        cos_q[:, None, :, None],
+        sin_q[:, None, :, None],
+    )
+    rotate_into(ks, rearrange(k, "n b t k d -> n b k t d"), cos[:, None], sin[:, None])
+    vv = rearrange(v, "n b t (k d) -> (b k) t (n d)", k=kh)  # [v, v̇]: [B·K, T, 2d]
     out = qkv.new_empty(2, b, t, kh, r, d)
-    out[0].copy_(o_all[..., :d].permute(0, 3, 1, 2, 4))
-    p_dot_v = (p_dot @ vv[..., :d]).unflatten(2, (r, t))
-    torch.add(o_all[..., d:], p_dot_v, out=out[1].permute(0, 2, 3, 1, 4))
+    attention_pair(qs, ks.view(2, b * kh, t, d), vv, key_mask, out, *blocks)
     return out.view(2, b, t, kh * r * d)
 
 
-def rotary_halves(cos: Tensor, sin: Tensor, allowed: Tensor, head_dim: int) -> tuple[Tensor, ...]:
-    """From layers.rotary_cos_sin's cos/sin [B, T, d] (= [c, c] and [s, s]) and allowed [B,1,1,T,T]:
-    (c, s, c_q, s_q), each [B, T, d/2], with c_q, s_q = (c, s)·d^-½·[query t sees some key]."""
+def rotary_halves(cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, ...]:
+    """From layers.rotary_cos_sin's cos/sin [B, T, d] (= [c, c] and [s, s]):
+    (c, s, c_q, s_q), each [B, T, d/2], with c_q, s_q = (c, s)·d^-½ (the score scale folded into q)."""
     half = cos.shape[-1] // 2
     cos, sin = cos[..., :half], sin[..., :half]
-    live = allowed.any(-1)[:, 0, 0, :, None].to(cos.dtype) * head_dim**-0.5  # [B, T, 1]
-    return cos, sin, cos * live, sin * live
+    return cos, sin, cos * head_dim**-0.5, sin * head_dim**-0.5
 
 
 def block_dual(
     block: Block, linears: dict[str, DualLinear], x: Tensor, stacked: bool,
-    rotary: tuple[Tensor, ...], allowed: Tensor,
+    rotary: tuple[Tensor, ...], key_mask: Tensor, blocks: tuple[int, int],
 ) -> Tensor:  # fmt: skip
     """One pre-norm block on the pair x [2, B, T, D] (or primal-only [B, T, D]) -> [2, B, T, D]."""
     h = rms_norm_dual(block.input_layernorm, x, stacked)
-    attn = attention_dual(block.self_attn, linears["qkv"](h, stacked), rotary, allowed)
+    attn = attention_dual(block.self_attn, linears["qkv"](h, stacked), rotary, key_mask, blocks)
     a = linears["o"](attn, True)
     if stacked:
         x = x + a
@@ -235,13 +227,16 @@ def layer_linears(
 def dual_hidden_states(
     model: FunctionalModel, lora: Mapping[str, Tensor], direction: Mapping[str, Tensor],
     input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+    *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(h, ḣ), both [B, T, D]: final normed hidden states and their derivative d/dε h(lora + ε·direction).
 
     Same inputs and defaults as `FunctionalModel.hidden_states` (mask [B, T], 1 = real token;
     positions cumsum(mask) − 1). Runs under no_grad in the model dtype; pure in lora/direction.
     Equals `torch.func.jvp(lambda l: model.hidden_states(l, ...), (lora,), (direction,))`.
+    Attention goes in query blocks of `block_q` and key blocks of `block_k` positions.
     """
+    check_blocks(block_q, block_k)
     model.check_lora(lora)
     model.check_lora(direction)
     with torch.no_grad():
@@ -251,11 +246,10 @@ def dual_hidden_states(
         dec, keys = model.decoder, {internal: key for key, internal in model._internal.items()}
         x = F.embedding(input_ids, dec.embed_tokens)
         cos, sin = rotary_cos_sin(position_ids, dec.inv_freq, dec.attention_scaling, x.dtype)
-        allowed = attention_allowed(mask)
-        rotary = rotary_halves(cos, sin, allowed, dec.cfg.head_dim)
+        rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
         for i, block in enumerate(dec.layers):
             linears = layer_linears(model, i, keys, lora, direction)
-            x = block_dual(block, linears, x, i > 0, rotary, allowed)
+            x = block_dual(block, linears, x, i > 0, rotary, mask, (block_q, block_k))
         out = rms_norm_dual(dec.norm, x, True)
         return out[0], out[1]
 
