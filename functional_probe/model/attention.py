@@ -8,6 +8,8 @@ token reads, because pad keys are masked for every query.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -47,4 +49,10 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """The same through `F.scaled_dot_product_attention` (CPU: its flash kernel): nothing of
     size [T, T] is saved for backward. bias: `sdpa_bias` [B, 1, T, T], or None for causal only."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, enable_gqa=True)
+    with warnings.catch_warnings():
+        # Under vmap (per-sample gradients) torch 2.13 has no batching rule for the CPU flash
+        # kernel and loops over the batch with a performance warning: exact, and a per-prompt
+        # loop is what a per-sample pass costs anyway, so the warning says nothing actionable.
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet "
+                                "implemented the batching rule for aten::_scaled_dot_product")  # fmt: skip
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, enable_gqa=True)
