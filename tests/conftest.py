@@ -49,3 +49,13 @@ def saved_run(saved_tiny, tmp_path_factory):
     opt.step()
     torch.save(opt.state_dict(), root / "optimizer.pt")
     return base_dir, adapter_dir, root, model
+
+
+@pytest.fixture(scope="session")
+def enumerable_setup():
+    """(model, lora, step): the float64 model small enough to enumerate every response
+    (tests/enumerable.py) and a random step, shared by the realized-ΔH and curvature tests."""
+    from enumerable import enumerable_model, random_step
+
+    model = enumerable_model()
+    return model, model.lora, random_step(model.lora)

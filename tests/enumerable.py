@@ -17,6 +17,7 @@ from functional_probe.model.loading import build_model, dense_or_nf4
 from functional_probe.model.tiny import tiny_config, tiny_lora, tiny_state_dict
 
 VOCAB = 6
+LENGTH, EOS = 3, 2  # responses of at most 3 tokens, token 2 ends one: 156 per prompt
 PROMPTS = [[1, 4], [2, 0, 5, 3], [5], [0, 3, 3], [4, 1, 2], [3, 5]]
 
 

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 from enumerable import (
+    EOS,
+    LENGTH,
     PROMPTS,
     draw_from_exact,
-    enumerable_model,
     exact_entropy,
     exact_logprobs,
     random_step,
@@ -20,14 +21,6 @@ from functional_probe.curvature import curvature, entropy_derivatives, step_deri
 from functional_probe.grads import dot64
 from functional_probe.stats import moments
 
-LENGTH, EOS = 3, 2
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = enumerable_model()
-    return model, model.lora, random_step(model.lora)
-
 
 def exact_derivatives(model, lora, step, prompts):
     """(d1_n, d2_n) from the formula with exact weights π over every response."""
@@ -38,8 +31,8 @@ def exact_derivatives(model, lora, step, prompts):
     return entropy_derivatives(S_, S_dot, S_ddot, batch.max_lengths, weights=S_.exp())
 
 
-def test_second_derivative_equals_finite_differences_of_the_enumerated_entropy(setup):
-    model, lora, step = setup
+def test_second_derivative_equals_finite_differences_of_the_enumerated_entropy(enumerable_setup):
+    model, lora, step = enumerable_setup
     d1, d2 = exact_derivatives(model, lora, step, PROMPTS)
     h = 1e-3
     H = {s: exact_entropy(model, shifted(lora, step, s), PROMPTS, LENGTH, EOS) for s in (-h, 0.0, h)}
@@ -50,8 +43,8 @@ def test_second_derivative_equals_finite_differences_of_the_enumerated_entropy(s
     assert ((d1 - fd1).abs() / fd1.abs()).max() < 1e-5
 
 
-def test_first_derivative_is_the_gradient_of_the_enumerated_entropy_along_the_step(setup):
-    model, lora, step = setup
+def test_first_derivative_is_the_gradient_of_the_enumerated_entropy_along_the_step(enumerable_setup):
+    model, lora, step = enumerable_setup
     d1, _ = exact_derivatives(model, lora, step, PROMPTS)
 
     def mean_entropy(theta):  # differentiable enumeration, reverse mode
@@ -64,8 +57,8 @@ def test_first_derivative_is_the_gradient_of_the_enumerated_entropy_along_the_st
     assert math.isclose(dot64(grad, step), float(d1.mean()), rel_tol=1e-9)
 
 
-def test_first_derivative_estimate_is_the_x_loss_along_the_step(setup):
-    model, lora, step = setup
+def test_first_derivative_estimate_is_the_x_loss_along_the_step(enumerable_setup):
+    model, lora, step = enumerable_setup
     prompts, responses, _ = random_rollouts(4, 3, model.vocab_size, seed=5)
     E = fp.make_batch(prompts, responses)
     res = curvature(model, lora, step, E)
@@ -75,8 +68,8 @@ def test_first_derivative_estimate_is_the_x_loss_along_the_step(setup):
 
 
 @pytest.mark.parametrize("prompt", [0, 3])
-def test_monte_carlo_curvature_converges_to_the_exact_one(setup, prompt):
-    model, lora, step = setup
+def test_monte_carlo_curvature_converges_to_the_exact_one(enumerable_setup, prompt):
+    model, lora, step = enumerable_setup
     prompts = [PROMPTS[prompt]] * 24  # copies with independent draws: the SE is a pure Monte-Carlo SE
     responses, S = exact_logprobs(model, lora, prompts[:1], LENGTH, EOS)
     drawn = draw_from_exact(responses, S.expand(24, -1), 16, seed=prompt)
@@ -115,8 +108,8 @@ def test_nested_jvp_through_nf4_matches_the_dual_forward_tangent():
         (dict(step="shape"), r"step\[.*\] has shape"),
     ],
 )
-def test_bad_arguments_raise_naming_them(setup, change, match):
-    model, lora, step = setup
+def test_bad_arguments_raise_naming_them(enumerable_setup, change, match):
+    model, lora, step = enumerable_setup
     E = fp.make_batch(PROMPTS[:3], [[[1, 2], [3]]] * 3)
     k0 = next(iter(step))
     edits = {"one": E[:1], "g1": fp.make_batch(PROMPTS[:2], [[[1]], [[2]]]), "shape": {**step, k0: step[k0][:1]}}

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 from enumerable import (
+    EOS,
+    LENGTH,
     PROMPTS,
     all_responses,
     draw_from_exact,
-    enumerable_model,
     exact_entropy,
     exact_logprobs,
-    random_step,
     shifted,
     z_score,
 )
@@ -20,14 +20,6 @@ from enumerable import (
 import functional_probe as fp
 from functional_probe.entropy import sequence_statistics
 from functional_probe.realized import EntropyEstimateWarning, RealizedEntropyChange, realized_entropy_change
-
-LENGTH, EOS = 3, 2
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = enumerable_model()
-    return model, model.lora, random_step(model.lora)
 
 
 def e_batch(model, lora, prompts, group, seed, eos=EOS):
@@ -38,10 +30,10 @@ def e_batch(model, lora, prompts, group, seed, eos=EOS):
 
 
 @pytest.mark.parametrize("prompt", [0, 4])
-def test_every_estimator_converges_to_the_enumerated_change(setup, prompt):
+def test_every_estimator_converges_to_the_enumerated_change(enumerable_setup, prompt):
     """One prompt repeated N times (independent draws per copy): the SE over prompts is then a
     pure Monte-Carlo SE and the exact ΔH is that prompt's."""
-    model, lora, step = setup
+    model, lora, step = enumerable_setup
     prompts = [PROMPTS[prompt]] * 24
     E = e_batch(model, lora, prompts, 32, seed=prompt)
     res = realized_entropy_change(model, lora, step, E, [0.3, 1.0], samples_per_prompt=32, seed=prompt + 1,
@@ -56,10 +48,10 @@ def test_every_estimator_converges_to_the_enumerated_change(setup, prompt):
         assert 0 < point.estimates["crn"].diagnostics["differing_fraction"] < 1
 
 
-def test_standard_errors_are_calibrated_across_replicate_batches(setup):
+def test_standard_errors_are_calibrated_across_replicate_batches(enumerable_setup):
     """16 replicates (fresh E, fresh seed): mean z² of each estimator against the exact ΔH is
     χ²₁₆/16-like (0.25 .. 2.5 holds with probability > 0.998 for a calibrated SE)."""
-    model, lora, step = setup
+    model, lora, step = enumerable_setup
     prompts = [PROMPTS[4]] * 24
     responses, S = exact_logprobs(model, lora, prompts[:1], LENGTH, EOS)
     h0 = exact_entropy(model, lora, prompts[:1], LENGTH, EOS)
@@ -78,8 +70,8 @@ def test_standard_errors_are_calibrated_across_replicate_batches(setup):
         assert abs(float(zs.mean())) < 1.0, (name, zs)
 
 
-def test_estimators_converge_over_different_prompts_with_many_samples(setup):
-    model, lora, step = setup
+def test_estimators_converge_over_different_prompts_with_many_samples(enumerable_setup):
+    model, lora, step = enumerable_setup
     E = e_batch(model, lora, PROMPTS, 400, seed=7, eos=None)
     res = realized_entropy_change(model, lora, step, E, [1.0], samples_per_prompt=400, seed=8)
     exact_n = exact_entropy(model, shifted(lora, step, 1.0), PROMPTS, LENGTH) - exact_entropy(model, lora, PROMPTS, LENGTH)
@@ -89,10 +81,10 @@ def test_estimators_converge_over_different_prompts_with_many_samples(setup):
     assert res.baseline["rb"].value == pytest.approx(float(exact_entropy(model, lora, PROMPTS, LENGTH).mean()), abs=0.01)
 
 
-def test_filtered_sampling_targets_the_filtered_entropy(setup):
+def test_filtered_sampling_targets_the_filtered_entropy(enumerable_setup):
     """With top-k, H_n = E_q[−S_π] / L (q the filtered distribution); exact by enumeration with the
     filtered log q (checked against transformers' warpers in test_entropy)."""
-    model, lora, step = setup
+    model, lora, step = enumerable_setup
     prompts, top_k = [PROMPTS[1]] * 24, 3
 
     def exact(theta):
@@ -115,8 +107,8 @@ def test_filtered_sampling_targets_the_filtered_entropy(setup):
         assert z_score(est.value, est.se, h1 - h0) < 4, (name, est.value, est.se, h1 - h0)
 
 
-def test_zero_scale_changes_nothing_and_the_report_round_trips(setup):
-    model, lora, step = setup
+def test_zero_scale_changes_nothing_and_the_report_round_trips(enumerable_setup):
+    model, lora, step = enumerable_setup
     E = e_batch(model, lora, PROMPTS, 4, seed=1)
     res = realized_entropy_change(model, lora, step, E, [0.0, 0.5], samples_per_prompt=4, eos_token_id=EOS)
     for est in res.points[0].estimates.values():
@@ -129,8 +121,8 @@ def test_zero_scale_changes_nothing_and_the_report_round_trips(setup):
     assert again == res and json.loads(res.to_json())["points"][1]["estimates"]["snis"]["diagnostics"]["clip"] > 0
 
 
-def test_collapsed_importance_weights_warn_and_are_clipped(setup):
-    model, lora, step = setup
+def test_collapsed_importance_weights_warn_and_are_clipped(enumerable_setup):
+    model, lora, step = enumerable_setup
     E = e_batch(model, lora, PROMPTS, 16, seed=2)
     with pytest.warns(EntropyEstimateWarning, match="effective sample size"):
         res = realized_entropy_change(model, lora, step, E, [12.0], estimators=("snis",), ess_warn_fraction=0.5)
@@ -159,8 +151,8 @@ def test_collapsed_importance_weights_warn_and_are_clipped(setup):
         (dict(temperature=0), "temperature=0"),
     ],
 )
-def test_bad_arguments_raise_naming_them(setup, change, match):
-    model, lora, step = setup
+def test_bad_arguments_raise_naming_them(enumerable_setup, change, match):
+    model, lora, step = enumerable_setup
     E = e_batch(model, lora, PROMPTS[:3], 2, seed=0)
     args = dict(step=dict(step), E=E, scales=[1.0])
     k0 = next(iter(step))
