@@ -154,9 +154,7 @@ def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, t
              response_microbatch=None) -> Dict:  # fmt: skip
     """Σ_n ∇θ L[n] over `batch` (zeros for None), in at least fp32, one grad per microbatch
     (of prompts, and of responses when `response_microbatch` < G)."""
-    total = {
-        k: torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32)) for k, v in lora.items()
-    }
+    total = zero_sums(lora)
     kw = dict(loss=loss, weighting=weighting, temperature=temperature)
     for mb in [] if batch is None else microbatches(batch, microbatch):
         if response_microbatch is None or response_microbatch >= mb.group_size:
@@ -218,6 +216,11 @@ def check_microbatch(size: int | None, what: str) -> None:
     """None or a positive int, else ValueError naming `what`."""
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
         raise ValueError(f"{what}={size!r}; expected a positive int or None")
+
+
+def zero_sums(lora: Mapping[str, Tensor]) -> Dict:
+    """Zeros shaped like `lora` in at least fp32: the accumulator of gradient sums."""
+    return {k: torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32)) for k, v in lora.items()}
 
 
 def require_batch(batch: Batch | None, what: str) -> None:

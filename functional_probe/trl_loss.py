@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from .grads import zero_sums
 from .logprobs import token_logprobs
 from .model import FunctionalModel
 from .trl_config import LOSS_TYPES, TrainerLoss
@@ -168,11 +169,16 @@ def row_losses_on(model, lora, cfg: TrainerLoss, pid, pmask, cid, cmask, adv, ol
     return w.to(loss.dtype) * (loss * cmask).sum(-1)
 
 
-def as_micro_batches(micro_batches: TrainerRows | Sequence[TrainerRows]) -> list[TrainerRows]:
+def checked_micro_batches(
+    model: FunctionalModel, lora: Mapping[str, Tensor], micro_batches: TrainerRows | Sequence[TrainerRows],
+    loss: TrainerLoss,
+) -> list[TrainerRows]:  # fmt: skip
+    """The LoRA dict and every micro-batch checked against the model (ValueError naming the item)."""
+    model.check_lora(lora)
     mbs = [micro_batches] if isinstance(micro_batches, TrainerRows) else list(micro_batches)
     if not mbs or not all(isinstance(m, TrainerRows) for m in mbs):
         raise ValueError("micro_batches must be a TrainerRows or a non-empty sequence of them")
-    return mbs
+    return [checked(model, m, loss, f"micro-batch {i}") for i, m in enumerate(mbs)]
 
 
 def trainer_loss(model: FunctionalModel, lora: Mapping[str, Tensor], rows: TrainerRows, loss: TrainerLoss) -> Tensor:
@@ -194,8 +200,7 @@ def trainer_prompt_losses(
     prompt n of r_i / num_processes. Their sum is the step's loss, whose gradient is TRL's `p.grad`
     after the step's micro-batches (all of them, or one rank's share summed over ranks). Pure in
     `lora`, so `grad`, `vjp` and the α-trick apply."""
-    model.check_lora(lora)
-    mbs = [checked(model, m, loss, f"micro-batch {i}") for i, m in enumerate(as_micro_batches(micro_batches))]
+    mbs = checked_micro_batches(model, lora, micro_batches, loss)
     n = group_count(mbs, num_groups)
     out = None
     for mb in mbs:
@@ -213,9 +218,8 @@ def trainer_grad(
 ) -> Dict:
     """∇θ of the step's loss (1/num_processes) Σ_mb TRL-loss(mb), one reverse pass per micro-batch:
     a dict like `lora` (≥ fp32) equal to what TRL's trainer leaves in the LoRA parameters' .grad."""
-    model.check_lora(lora)
-    mbs = [checked(model, m, loss, f"micro-batch {i}") for i, m in enumerate(as_micro_batches(micro_batches))]
-    total = {k: torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32)) for k, v in lora.items()}
+    mbs = checked_micro_batches(model, lora, micro_batches, loss)
+    total = zero_sums(lora)
     for mb in mbs:
         tensors = row_tensors(mb, loss)
         g = grad(lambda p, t=tensors: row_losses_on(model, p, loss, *t).sum() / loss.num_processes)(lora)
@@ -236,8 +240,7 @@ def trainer_group_grads(
     """Per-prompt gradients ∇θ L[n] of `trainer_prompt_losses`: a dict of [N, *shape] tensors
     (≥ fp32) whose sum over n is `trainer_grad`. Per-row gradients by vmap(grad) over each
     micro-batch's rows (`chunk_size` rows at a time), added into their group."""
-    model.check_lora(lora)
-    mbs = [checked(model, m, loss, f"micro-batch {i}") for i, m in enumerate(as_micro_batches(micro_batches))]
+    mbs = checked_micro_batches(model, lora, micro_batches, loss)
     n = group_count(mbs, num_groups)
     total = {k: v.new_zeros((n, *v.shape), dtype=torch.promote_types(v.dtype, torch.float32))
              for k, v in lora.items()}  # fmt: skip
