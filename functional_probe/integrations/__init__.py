@@ -1,0 +1,1 @@
+"""Adapters to training frameworks (TRL). Each submodule imports its framework lazily."""
