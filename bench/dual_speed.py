@@ -42,7 +42,7 @@ from functional_probe.logprobs import grouped_logprobs
 from functional_probe.model import dual, fast_primal
 from functional_probe.model.loading import build_model, dense_or_nf4
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
-from functional_probe.reference import peft_twin
+from functional_probe.testing import peft_twin
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_")
 

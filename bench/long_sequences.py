@@ -68,7 +68,7 @@ def long_batch(T: int, vocab: int = 49152, seed: int = 0):
 
 def anchor_model(model):
     """transformers + PEFT twin with SDPA and (non-reentrant) gradient checkpointing, train mode."""
-    from functional_probe.reference import peft_twin
+    from functional_probe.testing import peft_twin
 
     peft_model = peft_twin(model, attn_implementation="sdpa")
     peft_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

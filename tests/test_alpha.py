@@ -9,7 +9,7 @@ from helpers import peft_prompt_grads, proj_rel_err, random_direction, random_ro
 
 import functional_probe as fp
 from functional_probe.model import tiny_model
-from functional_probe.reference import peft_twin
+from functional_probe.testing import peft_twin
 
 N, G = 5, 3
 

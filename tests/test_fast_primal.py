@@ -8,7 +8,7 @@ from test_dual import ARCHITECTURES
 import functional_probe as fp
 from functional_probe import logprobs
 from functional_probe.model.fast_primal import fast_sequence_logprobs, plain_call
-from functional_probe.reference import peft_twin
+from functional_probe.testing import peft_twin
 
 
 def ragged_batch(vocab: int, seed: int = 0):

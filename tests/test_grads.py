@@ -12,7 +12,7 @@ from helpers import (
 )  # fmt: skip
 
 import functional_probe as fp
-from functional_probe.reference import peft_twin
+from functional_probe.testing import peft_twin
 
 N, G = 4, 3
 

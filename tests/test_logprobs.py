@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import functional_probe as fp
-from functional_probe.reference import peft_twin
+from functional_probe.testing import peft_twin
 
 
 def reference_S(peft_model, prompts, responses, temperature=1.0):

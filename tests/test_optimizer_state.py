@@ -143,7 +143,7 @@ def trainer_checkpoint(tiny_fp32, tmp_path_factory):
     """A real transformers Trainer run on the PEFT twin: 2 of 4 linear-schedule steps, checkpoint-2/."""
     from transformers import Trainer, TrainingArguments
 
-    from functional_probe.reference import peft_twin
+    from functional_probe.testing import peft_twin
 
     out = tmp_path_factory.mktemp("trainer")
     gen = torch.Generator().manual_seed(0)

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import functional_probe as fp
 from functional_probe.nf4 import NF4Linear
-from functional_probe.reference import hf_twin, peft_twin
+from functional_probe.testing import hf_twin, peft_twin
 
 BF16 = torch.bfloat16
 

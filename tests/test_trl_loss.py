@@ -398,7 +398,7 @@ def test_bad_options_and_rows_raise_naming_the_item(tiny_fp32):
 def test_token_logps_equal_a_peft_forward_like_trls(tiny_fp32):
     """Per-token log-probs equal the PEFT model's forward as TRL calls it (no position ids, so
     transformers counts positions over the left-padded row), logits / τ, zero on masked tokens."""
-    from functional_probe.reference import peft_twin
+    from functional_probe.testing import peft_twin
 
     model, tau = tiny_fp32, 0.6
     rows = TrainerLoss().rows([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], [0, 1], advantages=[1.0, 1.0])

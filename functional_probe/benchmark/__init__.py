@@ -1,7 +1,7 @@
 """Speed and peak memory of every projection method against `torch.autograd.grad` (issue 7).
 
 Baselines are written the way the seed wrote them, on a plain PEFT `PeftModel` (the
-`reference.peft_twin` of the model, whose LoRA parameters equal `model.lora`):
+`functional_probe.testing.peft_twin` of the model, whose LoRA parameters equal `model.lora`):
 
 - ``autograd_alpha``: the α-trick — α = ones(N) (requires grad), per-prompt X losses Lx from
   the PEFT model's teacher-forced log-probs of the padded batch (full logits, log_softmax,

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..alpha import METHODS, alpha_projections
 from ..batch import Batch, make_batch
 from ..model.functional import FunctionalModel
-from ..reference import peft_twin
+from ..testing import peft_twin
 from .baselines import (
     BASELINES,
     FORWARDS,

@@ -3,7 +3,8 @@
 import torch
 from helpers import rel_err
 
-from functional_probe.reference import peft_twin
+import functional_probe.testing
+from functional_probe.testing import peft_twin
 
 
 def test_twin_parameters_are_the_lora_dict(tiny_nf4):
@@ -18,3 +19,11 @@ def test_twin_logits_equal_the_functional_model(tiny_nf4):
     with torch.no_grad():
         ref = peft_twin(tiny_nf4)(input_ids=ids).logits
     assert rel_err(tiny_nf4(tiny_nf4.lora, ids), ref) <= 1e-5
+
+
+def test_module_docstring_example_runs_and_agrees(capsys):
+    """The setup check users copy from the module docstring runs as written and reports agreement."""
+    doc = functional_probe.testing.__doc__
+    block = [line[4:] for line in doc.splitlines() if line.startswith("    ")]
+    exec("\n".join(block), {})
+    assert float(capsys.readouterr().out) <= 1e-5
