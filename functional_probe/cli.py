@@ -52,9 +52,9 @@ def device_and_dtype(args: argparse.Namespace, world: int = 1):
 
 def demo(args: argparse.Namespace) -> int:
     from . import report
+    from .demos.synthetic import sample_rollouts
     from .model import tiny_model
     from .probe import probe
-    from .synthetic import sample_rollouts
     from .validation import check_step_size
 
     check_step_size(args.lr, "--lr")

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import functional_probe as fp
+from functional_probe.demos.synthetic import sample_rollouts
 from functional_probe.model import tiny_model
 from functional_probe.rollouts import Rollouts, write_rollouts
-from functional_probe.synthetic import sample_rollouts
 from functional_probe.testing import hf_twin, peft_twin
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

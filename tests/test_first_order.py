@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import functional_probe as fp
+from functional_probe.demos.synthetic import sample_rollouts
 from functional_probe.first_order import etas_for_relative_steps, first_order_check
 from functional_probe.grads import dot
-from functional_probe.synthetic import sample_rollouts
 
 RELATIVE_STEPS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from functional_probe.synthetic import sample_rollouts
+from functional_probe.demos.synthetic import sample_rollouts
 
 
 def test_rollouts_have_the_requested_shape_and_centred_advantages(tiny_nf4):

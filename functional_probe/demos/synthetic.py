@@ -8,8 +8,8 @@ import torch
 from einops import repeat
 from torch import Tensor
 
-from .model import FunctionalModel
-from .rollouts import Rollouts
+from ..model import FunctionalModel
+from ..rollouts import Rollouts
 
 
 @torch.no_grad()
