@@ -34,10 +34,10 @@ import time
 from contextlib import contextmanager
 
 import torch
+from harness.memory import current_rss, peak_rss, reset_peak_rss
+from harness.points import bench_batch, random_direction
 
 import functional_probe as fp
-from functional_probe.benchmark.memory import current_rss, peak_rss, reset_peak_rss
-from functional_probe.benchmark.points import bench_batch, random_direction
 from functional_probe.logprobs import grouped_logprobs
 from functional_probe.model import dual, fast_primal
 from functional_probe.model.loading import build_model, dense_or_nf4

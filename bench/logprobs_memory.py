@@ -30,9 +30,9 @@ def full_logprobs(model, lora, batch):
 def measure(mode: str) -> float:
     """Peak extra MiB of one call in this process."""
     import torch
+    from harness import current_rss, peak_rss, reset_peak_rss
 
     import functional_probe as fp
-    from functional_probe.benchmark import current_rss, peak_rss, reset_peak_rss
     from functional_probe.model.loading import build_model, dense_or_nf4
     from functional_probe.model.tiny import tiny_config, tiny_lora, tiny_state_dict
 

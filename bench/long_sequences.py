@@ -78,9 +78,9 @@ def anchor_model(model):
 def runner(mode: str, model, batch):
     """A zero-argument call of `mode` returning what it computes."""
     import torch
+    from harness.baselines import peft_sequence_logprobs, seed_x_losses, trainable
 
     import functional_probe as fp
-    from functional_probe.benchmark.baselines import peft_sequence_logprobs, seed_x_losses, trainable
 
     lora = model.lora
     if mode == "mean_grad":
@@ -102,8 +102,7 @@ def runner(mode: str, model, batch):
 def measure_point(mode: str, T: int) -> dict:
     """In this (fresh) process: peak RSS over the loaded model and wall time of one call."""
     import torch
-
-    from functional_probe.benchmark.memory import current_rss, peak_rss, reset_peak_rss
+    from harness.memory import current_rss, peak_rss, reset_peak_rss
 
     torch.set_num_threads(2)
     model, batch = smollm2_model(), long_batch(T)
@@ -229,7 +228,7 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=int, default=None,
                         help="glibc MALLOC_MMAP_THRESHOLD_ in bytes for every child, anchor included")  # fmt: skip
     args = parser.parse_args()
-    from functional_probe.benchmark.memory import machine_info
+    from harness.memory import machine_info
 
     path = RESULTS / "long_sequences.json"
     results = json.loads(path.read_text()) if path.exists() else {"points": {}, "ratios": {}}

@@ -98,8 +98,9 @@ def model_bytes(model) -> dict[str, int]:
 
 def peak_forward_backward(quantize: str | None) -> dict[str, float]:
     """In this (fresh) process: build, then one forward+backward of 2 × 128 tokens."""
+    from harness import current_rss, peak_rss, reset_peak_rss
+
     import functional_probe as fp
-    from functional_probe.benchmark import current_rss, peak_rss, reset_peak_rss
 
     torch.set_num_threads(2)
     reset_peak_rss()  # the high-water mark a fresh process inherits is its parent's

@@ -11,8 +11,7 @@ import argparse
 import time
 
 import torch
-
-from functional_probe.benchmark import allocator, build_setup, make_runners, profile_method
+from harness import allocator, build_setup, make_runners, profile_method
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Run: ``python bench/remeasure_memory.py bench/results/issue7_glibc.json [--methods a,b] [--points 0,1]``.
 Rewrites the JSON's `peak_mib` (and the .md / PNGs beside it). Used after the fix to
-`benchmark.peak_rss` (ru_maxrss in a child starts at the parent's peak), so the timings of the run
+`harness.peak_rss` (ru_maxrss in a child starts at the parent's peak), so the timings of the run
 stay as they were measured.
 """
 
@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from functional_probe.benchmark import measure_memory, save_result
+from harness import measure_memory, save_result
 
 
 def main() -> None:

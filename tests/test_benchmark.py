@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import harness as bm
 import pytest
 import torch
 from helpers import proj_rel_err
 
 import functional_probe as fp
-from functional_probe import benchmark as bm
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,9 @@ ratio compares calls made under the same machine load. Memory: each (point, meth
 subprocess, peak RSS of one call minus the RSS just before it (the high-water mark is reset
 through /proc/self/clear_refs where Linux allows, so building the model is not counted).
 
-`bench/run.py` is the full sweep; `functional_probe.quick_bench` (`functional-probe bench`)
-the quick subset.
+`bench/run.py` is the full sweep; `bench/quick.py` the quick subset. Scripts in bench/ import
+this package as `harness` (Python puts a script's own directory on sys.path; pytest gets bench/
+from pyproject's `pythonpath`).
 """
 
 from __future__ import annotations

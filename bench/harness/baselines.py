@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..batch import Batch
+from functional_probe.batch import Batch
 
 # ----------------------------------------------------------------------------- baselines
 

@@ -1,4 +1,4 @@
-"""`python -m functional_probe.benchmark memory SIZE N T METHOD THREADS`: one fresh-process memory measurement."""
+"""`python -m harness memory SIZE N T METHOD THREADS` (bench/ on PYTHONPATH): one fresh-process memory measurement."""
 
 import json
 import sys

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..alpha import METHODS, alpha_projections
-from ..batch import Batch, make_batch
-from ..model.functional import FunctionalModel
-from ..testing import peft_twin
+from functional_probe.alpha import METHODS, alpha_projections
+from functional_probe.batch import Batch, make_batch
+from functional_probe.model.functional import FunctionalModel
+from functional_probe.testing import peft_twin
+
 from .baselines import (
     BASELINES,
     FORWARDS,
@@ -46,7 +47,7 @@ def bench_config(size: str):
     (Qwen2.5-0.5B-shaped: hidden 896, 24 layers, 14/2 heads, intermediate 4864, vocab 151936, tied)."""
     from transformers import Qwen2Config
 
-    from ..model.tiny import tiny_config
+    from functional_probe.model.tiny import tiny_config
 
     common = dict(max_position_embeddings=4096, rms_norm_eps=1e-6)
     if size == "tiny":
@@ -65,8 +66,8 @@ def bench_config(size: str):
 def bench_model(size: str, quantize: str | None = None, seed: int = 0) -> FunctionalModel:
     """Random base weights (`tiny_state_dict`; a tied head shares the head's scale) with LoRA
     r=8, alpha=16 on all 7 projections, both factors non-zero; base fp32 or NF4."""
-    from ..model.loading import build_model, dense_or_nf4
-    from ..model.tiny import tiny_lora, tiny_state_dict
+    from functional_probe.model.loading import build_model, dense_or_nf4
+    from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 
     config = bench_config(size)
     state = tiny_state_dict(config, seed=seed)
@@ -254,11 +255,15 @@ def measure_memory_here(size: str, num_prompts: int, seq_len: int, method: str, 
 def measure_memory(size: str, num_prompts: int, seq_len: int, method: str, threads: int = 2,
                    timeout: float = 1800) -> dict:  # fmt: skip
     """`measure_memory_here` in a fresh subprocess (same interpreter and environment, so the same
-    LD_PRELOAD); {'error': ...} if it fails."""
-    cmd = [sys.executable, "-m", "functional_probe.benchmark", "memory", size, str(num_prompts),
+    LD_PRELOAD; bench/ prepended to PYTHONPATH so the child finds `harness`); {'error': ...} if it fails."""
+    cmd = [sys.executable, "-m", "harness", "memory", size, str(num_prompts),
            str(seq_len), method, str(threads)]  # fmt: skip
+    bench_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (bench_dir, os.environ.get("PYTHONPATH", "")) if p)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": path}
+        )
     except subprocess.TimeoutExpired:
         return {"method": method, "error": f"timeout after {timeout:.0f} s"}
     if out.returncode != 0:
