@@ -81,6 +81,27 @@ def test_probe_equals_loop_assembled_quantities(setting):
     assert set(r.timings) == {"mu_x", "mu_y", "proj_s", "proj_t", "total"}
 
 
+@pytest.mark.parametrize("method", ["jvp", "loop"])
+def test_split_responses_give_the_unsplit_probe(setting, method, monkeypatch):
+    model, lora, E, U, pre = setting
+    whole = probe(model, lora, E, U, preconditioner=pre, eta=ETA, method=method)
+    seen = []
+    mean_grad = importlib.import_module("functional_probe.probe").mean_grad
+
+    def recording(*a, **k):  # μX and g_U must take the split reverse path
+        seen.append(k["response_microbatch"])
+        return mean_grad(*a, **k)
+
+    monkeypatch.setattr(importlib.import_module("functional_probe.probe"), "mean_grad", recording)
+    split = probe(model, lora, E, U, preconditioner=pre, eta=ETA, method=method, response_microbatch=1)
+    assert seen == [1, 1]
+    mu_x, mu_y = mean_grad(model, lora, E, loss="x"), pre(mean_grad(model, lora, U, loss="y"))
+    scale = (dot64(mu_x, mu_x) * dot64(mu_y, mu_y)) ** 0.5  # <μX, μY> cancels: errors scale with this
+    assert abs(split.bars_dot - whole.bars_dot) <= 1e-5 * scale
+    assert np.max(np.abs(np.array(split.s) - whole.s)) <= 1e-5 * np.max(np.abs(whole.s))
+    assert np.max(np.abs(np.array(split.t) - whole.t)) <= 1e-5 * np.max(np.abs(whole.t))
+
+
 def test_V_X_equals_alpha_variance_var_over_eta_squared(setting):
     model, lora, E, U, pre = setting
     r = probe(model, lora, E, U, preconditioner=pre, eta=ETA, method="vjp")
