@@ -199,7 +199,7 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
     if list(model.lora) != list(shapes):  # the order every positional state was matched against
         raise ValueError(f"{args.adapter or args.checkpoint}: the model's LoRA order differs from the adapter file's")
     result = probe(model, model.lora, E, U, preconditioner=pre, eta=lr, method=args.method,
-                   microbatch=args.microbatch, progress=say)  # fmt: skip
+                   microbatch=args.microbatch, progress=say, distributed=world > 1)  # fmt: skip
     check = first_order(model, model.lora, E, U, pre, lr, say) if args.first_order else None
     if rank == 0:
         finish(args, result, check, say, state.order)
