@@ -164,8 +164,9 @@ def shard_rollouts(rollouts: Rollouts, rank: int | None = None, world_size: int 
     rows = shard_range(len(rollouts), *_rank_world(rank, world_size))
     sl = slice(rows.start, rows.stop)
     lengths = None if rollouts.max_lengths is None else rollouts.max_lengths[sl]
+    rewards = None if rollouts.rewards is None else rollouts.rewards[sl]
     return replace(rollouts, prompts=rollouts.prompts[sl], responses=rollouts.responses[sl],
-                   advantages=rollouts.advantages[sl], max_lengths=lengths)  # fmt: skip
+                   advantages=rollouts.advantages[sl], max_lengths=lengths, rewards=rewards)  # fmt: skip
 
 
 def prompt_count(batch: Batch | None) -> int:
