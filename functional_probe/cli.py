@@ -111,11 +111,11 @@ def run(args: argparse.Namespace) -> int:
     """`functional-probe run`; under torchrun (RANK, WORLD_SIZE set) one process per rank."""
     from .distributed import process_group_from_env
 
-    check_paths(args)
     if args.rollouts is not None:  # a GRPOTrainer checkpoint's next step, TRL's loss
         from .cli_checkpoint import run_checkpoint
 
         return run_checkpoint(args)
+    check_paths(args)
     with process_group_from_env() as (rank, world):
         return run_ranked(args, rank, world)
 
@@ -129,7 +129,7 @@ def check_paths(args: argparse.Namespace) -> None:
         raise ValueError("give --checkpoint DIR (its optimizer.pt) or --optimizer-state FILE, not both")
     if args.first_order and "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":
         raise ValueError("--first-order runs in one process only (it re-evaluates the whole E), not under torchrun")
-    if (args.update is None) == (args.rollouts is None):
+    if args.update is None and args.rollouts is None:
         raise ValueError("run needs --update U.jsonl, or with --checkpoint of a GRPOTrainer --rollouts U.jsonl")
     if not (args.adapter or args.checkpoint):
         raise ValueError("run needs the adapter the optimizer state belongs to: --adapter DIR or --checkpoint DIR")

@@ -48,6 +48,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     from . import report
     from .cli import (
         check_adapter_fits,
+        check_paths,
         checked_rollouts,
         device_and_dtype,
         finish,
@@ -59,6 +60,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     from .trainer_checkpoint import read_trainer_checkpoint
 
     check_args(args)
+    check_paths(args)
     say = report.Progress(quiet=args.quiet)
     ckpt = read_trainer_checkpoint(args.checkpoint, num_processes=1)
     if ckpt.loss is None:

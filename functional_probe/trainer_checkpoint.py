@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .optim_step import AdamState
-from .optimizer_state import adapter_shapes, load_file, read_checkpoint
+from .optimizer_state import OptimizerState, adapter_shapes, load_file, read_checkpoint
 from .trl_config import TrainerLoss
 
 __all__ = ["TrainerCheckpoint", "read_trainer_checkpoint", "read_training_args"]
@@ -45,7 +45,7 @@ class TrainerCheckpoint:
     Attributes:
         path: the checkpoint-N/ directory (also the adapter directory).
         state: the optimizer state by adapter parameter name, ready for ``state.step``.
-        lr: the next step's lr per param group (scheduler.pt's ``_last_lr``, else the groups').
+        lr: the next step's lr per param group with parameters (scheduler.pt's ``_last_lr``).
         step: ``global_step`` of trainer_state.json (the steps taken), None without the file.
         max_grad_norm: the trainer's gradient clipping (None: none, i.e. 0 or unset).
         loss: the TRL loss of a GRPOConfig; None for plain TrainingArguments.
@@ -84,22 +84,23 @@ def read_trainer_checkpoint(ckpt: str | Path, *, num_processes: int | None = Non
         loss = TrainerLoss.from_config(args, num_processes=num_processes)
     clip = getattr(args, "max_grad_norm", None)
     return TrainerCheckpoint(
-        path=ckpt, state=state, lr=next_lrs(ckpt, state, saved.lr), step=global_step(ckpt),
+        path=ckpt, state=state, lr=next_lrs(ckpt, state, saved), step=global_step(ckpt),
         max_grad_norm=float(clip) if clip else None, loss=loss, args=args, order=saved.order,
     )  # fmt: skip
 
 
-def next_lrs(ckpt: Path, state: AdamState, first: float) -> list[float]:
-    """One lr per param group: scheduler.pt's ``_last_lr`` when it has one per group, else the
-    groups' own lr with group 0's replaced by `first` (read_checkpoint's, already checked > 0)."""
+def next_lrs(ckpt: Path, state: AdamState, saved: OptimizerState) -> list[float]:
+    """The lr of each param group that has parameters (what ``AdamState.step(lr=...)`` takes):
+    scheduler.pt's ``_last_lr`` (one per saved group), else the groups' own with group 0's
+    replaced by read_checkpoint's (already checked > 0)."""
     groups = sorted({ps.group for ps in state.params.values()})
     sched = ckpt / "scheduler.pt"
     if sched.is_file():
         last = load_file(sched, "scheduler state").get("_last_lr") or []
-        if len(last) == len(groups):
-            return [float(x) for x in last]
+        if len(last) == len(saved.state_dict["param_groups"]):
+            return [float(last[g]) for g in groups]
     own = {ps.group: ps.lr for ps in state.params.values()}
-    return [first] + [own[g] for g in groups[1:]]
+    return [saved.lr] + [own[g] for g in groups[1:]]
 
 
 def global_step(ckpt: Path) -> int | None:
