@@ -27,6 +27,7 @@ from .distributed import (
     is_distributed,
     prompt_count,
     rank_and_world,
+    sharded,
 )  # fmt: skip
 from .grads import (
     check_loss_args,
@@ -146,7 +147,8 @@ class AlphaVariance:
 
     Per unit step: `s` [N] (s_n = <∇θ L[n], v>), `mean` = s̄ = <μ, v>, `sample_var` =
     Σ(s_n − s̄)²/(n − 1) (float64, two-pass). Scaled by the step size η: `delta` = η·s̄,
-    `var` = η²·sample_var/n, `se` = η·sqrt(sample_var/n) — report `delta ± se`.
+    `var` = η²·sample_var/n, `se` = η·sqrt(sample_var/n) — report `delta ± se`. `ranks`: the
+    processes whose shards made up the batch (1 unless distributed=True).
     """
 
     s: Tensor
@@ -157,6 +159,7 @@ class AlphaVariance:
     delta: float
     var: float
     se: float
+    ranks: int = 1
 
 
 def alpha_variance(
@@ -178,8 +181,8 @@ def alpha_variance(
     The research-script call is `alpha_variance(lora, batch)` with `model` and `direction`
     bound by `functools.partial`. Fewer than 2 prompts raise ValueError.
 
-    Under torch.distributed (`distributed=None` and a process group initialized, or True)
-    `batch` is this rank's shard (`None`: empty) and `direction` must be the same on every
+    With `distributed=True` (under a process group; None there raises, asking for True or
+    False; every rank must call, see `functional_probe.distributed`) `batch` is this rank's shard (`None`: empty) and `direction` must be the same on every
     rank: each rank projects its shard, the float64 moments are all_gathered and combined
     with Chan's formula in rank order, so `n`, `mean`, `sample_var`, `delta`, `var`, `se` are
     the global ones, bit-identical on every rank; `s` holds ALL N_global projections in rank
@@ -190,8 +193,9 @@ def alpha_variance(
     kw = dict(model=model, direction=direction, method=method, weighting=weighting,
               microbatch=microbatch, response_microbatch=response_microbatch, temperature=temperature)  # fmt: skip
     check_response_microbatch(method, response_microbatch)
-    if is_distributed(distributed):
-        return sharded_alpha_variance(lora, batch, eta=eta, **kw)
+    if is_distributed(distributed, "alpha_variance"):
+        with sharded("alpha_variance") as world:
+            return sharded_alpha_variance(lora, batch, eta=eta, ranks=world, **kw)
     require_batch(batch, "alpha_variance")
     if batch.num_prompts < 2:
         raise ValueError(f"alpha_variance needs at least 2 prompts for a variance, got {batch.num_prompts}")
@@ -206,7 +210,7 @@ def shard_projections(model, lora, batch: Batch | None, direction, **kw) -> Tens
     return alpha_projections(model, lora, batch, direction, **kw)
 
 
-def sharded_alpha_variance(lora, batch: Batch | None, *, eta: float, **kw) -> AlphaVariance:
+def sharded_alpha_variance(lora, batch: Batch | None, *, eta: float, ranks: int, **kw) -> AlphaVariance:
     """The distributed path of `alpha_variance`: global count check, local s, Chan-combined
     moments, all s gathered (see `functional_probe.distributed`)."""
     (n,) = global_counts(prompt_count(batch))
@@ -219,13 +223,13 @@ def sharded_alpha_variance(lora, batch: Batch | None, *, eta: float, **kw) -> Al
     (m,) = all_moments([agree(moments, s)])  # a non-finite s raises on every rank
     dtype = torch.promote_types(next(iter(lora.values())).dtype, torch.float32)
     s_all = all_gather_vector(s).to(device=kw["model"].device, dtype=dtype)
-    return variance_result(s_all, m, eta)
+    return variance_result(s_all, m, eta, ranks)
 
 
-def variance_result(s: Tensor, m: Moments, eta: float) -> AlphaVariance:
+def variance_result(s: Tensor, m: Moments, eta: float, ranks: int = 1) -> AlphaVariance:
     """AlphaVariance from the projections and their (global) moments."""
     var = m.var_of_mean_x()
     return AlphaVariance(
         s=s, n=m.n, mean=m.mean_x, sample_var=m.sample_var_x(), eta=float(eta),
-        delta=eta * m.mean_x, var=eta**2 * var, se=abs(eta) * var**0.5,
+        delta=eta * m.mean_x, var=eta**2 * var, se=abs(eta) * var**0.5, ranks=ranks,
     )  # fmt: skip

@@ -111,12 +111,17 @@ def run(args: argparse.Namespace) -> int:
     """`functional-probe run`; under torchrun (RANK, WORLD_SIZE set) one process per rank."""
     from .distributed import process_group_from_env
 
+    if args.rollouts is not None:  # a GRPOTrainer checkpoint's next step, TRL's loss
+        from .cli_checkpoint import run_checkpoint
+
+        return run_checkpoint(args)
+    check_paths(args)
     with process_group_from_env() as (rank, world):
         return run_ranked(args, rank, world)
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    for flag in ("model", "eval", "update", "adapter", "checkpoint", "optimizer_state"):
+    for flag in ("model", "eval", "update", "rollouts", "adapter", "checkpoint", "optimizer_state"):
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
             raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
@@ -124,6 +129,8 @@ def check_paths(args: argparse.Namespace) -> None:
         raise ValueError("give --checkpoint DIR (its optimizer.pt) or --optimizer-state FILE, not both")
     if args.first_order and "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":
         raise ValueError("--first-order runs in one process only (it re-evaluates the whole E), not under torchrun")
+    if args.update is None and args.rollouts is None:
+        raise ValueError("run needs --update U.jsonl, or with --checkpoint of a GRPOTrainer --rollouts U.jsonl")
     if not (args.adapter or args.checkpoint):
         raise ValueError("run needs the adapter the optimizer state belongs to: --adapter DIR or --checkpoint DIR")
 
@@ -184,7 +191,6 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
     from .probe import probe
 
     say = report.Progress(quiet=args.quiet or rank != 0)
-    check_paths(args)
     state, pre, lr, shapes = optimizer_state(args)
     say(state.order)
     model_dir = Path(args.model)
@@ -199,7 +205,7 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
     if list(model.lora) != list(shapes):  # the order every positional state was matched against
         raise ValueError(f"{args.adapter or args.checkpoint}: the model's LoRA order differs from the adapter file's")
     result = probe(model, model.lora, E, U, preconditioner=pre, eta=lr, method=args.method,
-                   microbatch=args.microbatch, progress=say)  # fmt: skip
+                   microbatch=args.microbatch, progress=say, distributed=world > 1)  # fmt: skip
     check = first_order(model, model.lora, E, U, pre, lr, say) if args.first_order else None
     if rank == 0:
         finish(args, result, check, say, state.order)
@@ -207,22 +213,28 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
 
 
 def read_shard(path: str, tokenizer, vocab_size: int, rank: int, world: int, flag: str):
-    """Read and validate the whole rollout file (token ids against the vocabulary too, with the
-    file's prompt numbering), then keep this rank's shard as a Batch; None if it is empty."""
+    """This rank's shard of the validated rollout file (`checked_rollouts`) as a Batch; None if empty."""
     from .distributed import shard_rollouts
+
+    shard = shard_rollouts(checked_rollouts(path, tokenizer, vocab_size, flag), rank, world)
+    return shard.to_batch() if len(shard) else None
+
+
+def checked_rollouts(path: str, tokenizer, vocab_size: int, flag: str):
+    """Read and validate a rollout file: advantages or rewards for an update file, token ids
+    against the vocabulary (with the file's prompt numbering)."""
     from .rollouts import read_rollouts
 
     rollouts = read_rollouts(path, tokenizer=tokenizer)
-    if flag == "--update" and not rollouts.has_advantages:
-        raise ValueError(f"--update {path}: no line has 'advantages' or 'rewards'; the update batch needs them")
+    if flag in ("--update", "--rollouts") and not rollouts.has_advantages:
+        raise ValueError(f"{flag} {path}: no line has 'advantages' or 'rewards'; the update batch needs them")
     for n, (prompt, group) in enumerate(zip(rollouts.prompts, rollouts.responses, strict=True)):
         for what, ids in [("prompt", prompt)] + [(f"response {g}", r) for g, r in enumerate(group)]:
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 raise ValueError(f"{path}: prompt {n}: {what} has id {bad[0]}, outside the "
                                  f"vocabulary [0, {vocab_size})")  # fmt: skip
-    shard = shard_rollouts(rollouts, rank, world)
-    return shard.to_batch() if len(shard) else None
+    return rollouts
 
 
 def parser() -> argparse.ArgumentParser:
@@ -247,7 +259,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--force-lr", action="store_true", help="accept an --lr more than 2x from the state's")
     r.add_argument("--quantize", choices=["nf4"], default=None)
     r.add_argument("--eval", required=True, help="evaluation rollouts E (JSONL; advantages not needed)")
-    r.add_argument("--update", required=True, help="update rollouts U (JSONL, with advantages or rewards)")
+    r.add_argument("--update", help="update rollouts U (JSONL, with advantages or rewards)")
+    r.add_argument("--rollouts", help="with --checkpoint of a GRPOTrainer: the next step's generation batch "
+                   "(JSONL, raw rewards or TRL's advantages); the step is TRL's loss + the saved optimizer")  # fmt: skip
     r.add_argument("--microbatch", type=int, default=None)
     for q in (d, r):
         q.add_argument("--first-order", action="store_true",

@@ -1,10 +1,16 @@
 """torch.distributed: each rank holds a SHARD of E and U; every rank gets the global result.
 
-When a process group is initialized (``torch.distributed.is_available() and
-is_initialized()``), :func:`functional_probe.mean_grad`, :func:`functional_probe.alpha_variance`
+How the mode is chosen (:func:`is_distributed`, always by the caller): with
+``distributed=True``, :func:`functional_probe.mean_grad`, :func:`functional_probe.alpha_variance`
 and :func:`functional_probe.probe` read their batch as this rank's shard (``None`` = an empty
-shard) and return the statistics of the union of all shards, identical on every rank
-(``distributed=False`` forces the single-process path on the local batch). What each rank does:
+shard) and return the statistics of the union of all shards, identical on every rank; every
+rank must call them. ``distributed=False`` is one process on its local batch, even under a
+process group (e.g. rank 0 alone). The default ``None`` is ``False`` without a group and a
+ValueError under a group of several ranks (asking for one of the two). The sharded path
+first meets the other ranks on the group's store (:mod:`functional_probe.rendezvous`): a rank
+that does not call within the timeout (10 s, ``$FUNCTIONAL_PROBE_RENDEZVOUS_TIMEOUT``) gives a
+ValueError naming it on every rank that did, not a hang. Results say ``ranks`` (how many took
+part). What each rank does:
 
 1. **Counts.** ``all_reduce(SUM)`` of the local prompt counts gives the global ``B``; the
    ``B ≥ 2`` rule is checked on ``B``, so every rank raises the same ValueError (no hang).
@@ -49,6 +55,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .batch import Batch
+from .rendezvous import rendezvous
 from .rollouts import Rollouts
 from .stats import Moments, as_tensor, combine_all, from_tensor
 
@@ -66,22 +73,50 @@ __all__ = [
     "shard_batch",
     "shard_range",
     "shard_rollouts",
+    "sharded",
 ]
 
 T = TypeVar("T")
 
 
-def is_distributed(distributed: bool | None = None) -> bool:
-    """Whether to take the sharded path: ``None`` = iff a process group is initialized.
+def is_distributed(distributed: bool | None, what: str) -> bool:
+    """Whether `what` takes the sharded path; the caller's choice, never guessed.
 
-    ``True`` without a process group raises ValueError; ``False`` forces the local path.
+    ``True``: sharded (every rank must call, each with its shard; a process group must be
+    initialized). ``False``: this process alone on its local batch, even under a group (the
+    ``is_world_process_zero()`` pattern). ``None``: ``False`` without a group or with one
+    rank; under a group of several ranks a ValueError asking for True or False, since either
+    reading of the batch is plausible and the wrong one hangs or silently changes the result.
     """
     active = dist.is_available() and dist.is_initialized()
     if distributed is None:
-        return active
+        if active and dist.get_world_size() > 1:
+            raise ValueError(
+                f"{what}: a torch.distributed process group of {dist.get_world_size()} ranks is initialized; "
+                "pass distributed=True (every rank calls it with its shard: the result of the gathered batch) "
+                "or distributed=False (this process alone, on its local batch)"
+            )
+        return False
     if distributed and not active:
-        raise ValueError("distributed=True but no torch.distributed process group is initialized")
+        raise ValueError(f"{what}: distributed=True but no torch.distributed process group is initialized")
     return bool(distributed)
+
+
+_depth = [0]  # nesting of `sharded` blocks: only the outermost one meets the other ranks
+
+
+@contextmanager
+def sharded(what: str, timeout: float | None = None) -> Iterator[int]:
+    """Block of a sharded computation: first the ranks meet (:func:`~functional_probe.rendezvous.
+    rendezvous`; ValueError naming the missing ranks after `timeout`), then the block runs;
+    yields the world size. Nested blocks (the probe's mean_grad calls) do not meet again."""
+    if _depth[0] == 0:
+        rendezvous(what, timeout)
+    _depth[0] += 1
+    try:
+        yield dist.get_world_size()
+    finally:
+        _depth[0] -= 1
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -129,8 +164,9 @@ def shard_rollouts(rollouts: Rollouts, rank: int | None = None, world_size: int 
     rows = shard_range(len(rollouts), *_rank_world(rank, world_size))
     sl = slice(rows.start, rows.stop)
     lengths = None if rollouts.max_lengths is None else rollouts.max_lengths[sl]
+    rewards = None if rollouts.rewards is None else rollouts.rewards[sl]
     return replace(rollouts, prompts=rollouts.prompts[sl], responses=rollouts.responses[sl],
-                   advantages=rollouts.advantages[sl], max_lengths=lengths)  # fmt: skip
+                   advantages=rollouts.advantages[sl], max_lengths=lengths, rewards=rewards)  # fmt: skip
 
 
 def prompt_count(batch: Batch | None) -> int:

@@ -103,8 +103,8 @@ def first_order_check(
     etas = [check_step_size(eta, f"first_order_check: eta {eta!r}") for eta in etas]
     if probed_eta is not None:
         probed_eta = check_step_size(probed_eta, "first_order_check: probed_eta")
-    mu_x = mean_grad(model, lora, E, loss="x", weighting=weighting)
-    mu_y = mean_grad(model, lora, U, loss="y", preconditioner=preconditioner)
+    mu_x = mean_grad(model, lora, E, loss="x", weighting=weighting, distributed=False)  # E whole, here
+    mu_y = mean_grad(model, lora, U, loss="y", preconditioner=preconditioner, distributed=False)
     bars_dot = dot64(mu_x, mu_y)
     theta_norm = math.sqrt(float(dot(lora, lora)))
     step_norm = math.sqrt(float(dot(mu_y, mu_y)))
@@ -128,6 +128,6 @@ def etas_for_relative_steps(
     relative_steps: Sequence[float],
 ) -> list[float]:  # fmt: skip
     """η such that ‖η·μY‖ / ‖θ‖ takes each of `relative_steps`."""
-    mu_y = mean_grad(model, lora, U, loss="y", preconditioner=preconditioner)
+    mu_y = mean_grad(model, lora, U, loss="y", preconditioner=preconditioner, distributed=False)
     scale = math.sqrt(float(dot(lora, lora))) / math.sqrt(float(dot(mu_y, mu_y)))
     return [r * scale for r in relative_steps]

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .batch import Batch
-from .distributed import agree, all_reduce_mean, is_distributed, prompt_count
+from .distributed import agree, all_reduce_mean, is_distributed, prompt_count, sharded
 from .logprobs import check_temperature, grouped_logprobs, prepared
 from .losses import WEIGHTINGS, x_loss_values, y_loss_values
 from .model import FunctionalModel
@@ -130,19 +130,21 @@ def mean_grad(
     c = ∂ΣL/∂S), then ∇ Σ c·S accumulates over response chunks. Sums accumulate in at least
     fp32, so the result does not depend on either split beyond rounding.
 
-    Under torch.distributed (`distributed=None` and a process group initialized, or True;
-    see `functional_probe.distributed`) `batch` is this rank's shard (`None`: an empty one):
-    each rank sums its shard, one float64 all_reduce gives Σ and N over all ranks, and every
-    rank returns the same (1/N_global) Σ_global (P applied after the reduction). Every rank
-    must call it; a global N of 0 raises ValueError on every rank.
+    `distributed=True` (see `functional_probe.distributed`; None under a process group of
+    several ranks raises, asking for True or False): `batch` is this rank's shard (`None`: an
+    empty one); the ranks meet first (ValueError naming a rank that does not call in time),
+    each sums its shard, one float64 all_reduce gives Σ and N over all ranks, and every rank
+    returns the same (1/N_global) Σ_global (P applied after the reduction). A global N of 0
+    raises ValueError on every rank. `distributed=False`: this process's batch alone.
     """
     model.check_lora(lora)
     check_microbatch(response_microbatch, "response_microbatch")
     kw = dict(loss=loss, weighting=weighting, microbatch=microbatch, temperature=temperature,
               response_microbatch=response_microbatch)  # fmt: skip
-    if is_distributed(distributed):
-        total = agree(grad_sum, model, lora, batch, **kw)
-        mean = all_reduce_mean(total, prompt_count(batch))
+    if is_distributed(distributed, "mean_grad"):
+        with sharded("mean_grad"):
+            total = agree(grad_sum, model, lora, batch, **kw)
+            mean = all_reduce_mean(total, prompt_count(batch))
     else:
         require_batch(batch, "mean_grad")
         total = grad_sum(model, lora, batch, **kw)
@@ -228,7 +230,7 @@ def require_batch(batch: Batch | None, what: str) -> None:
     if batch is None:
         raise ValueError(
             f"{what}: batch is None, which means an empty shard and is only "
-            "accepted under an initialized torch.distributed process group"
+            "accepted with distributed=True under an initialized torch.distributed process group"
         )
 
 

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from .distributed import (
     is_distributed,
     prompt_count,
     rank_and_world,
+    sharded,
 )
 from .grads import dot64, mean_grad, require_batch
 from .model import FunctionalModel
@@ -49,7 +50,8 @@ class ProbeResult:
     For "optimizer", `delta_h1_gradient`, `_momentum`, `_decay` split δH₁ = <μX, Δθ> into this
     batch's gradient part and the momentum and weight-decay parts (they sum to `delta_h1`);
     `clip_coef` is the gradient-clipping factor applied (1.0: none); `optimizer` names it.
-    These are None for the preconditioned step, which has no such parts."""
+    These are None for the preconditioned step, which has no such parts. `ranks`: how many
+    processes' shards made up E and U (1 unless distributed=True)."""
 
     eta: float
     bars_dot: float
@@ -74,6 +76,7 @@ class ProbeResult:
     delta_h1_momentum: float | None = None
     delta_h1_decay: float | None = None
     v_y: str = "linear"
+    ranks: int = 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -164,20 +167,23 @@ def probe(
 
     V_X = Σ(s_n − s̄)²/(B_E(B_E−1)); V_Y likewise from t. C_XY ≠ 0 only when E and U share prompts
     (compared by token ids). `se_conditional` = η·sqrt(V_X), the SE given U. `progress(phase)` is
-    called before each of the four phases. `response_microbatch` splits each prompt's responses
-    over the reverse passes of μX, g_U and method="loop" (see `mean_grad`); "jvp" needs no split. The optimizer state is matched to `lora` (names and
-    shapes) before any gradient is computed.
+    called before each of the four phases. The optimizer state is matched to `lora` (names and
+    shapes) before any gradient is computed. `response_microbatch` splits each prompt's responses
+    over the reverse passes of μX, g_U and method="loop" (see `mean_grad`); "jvp" needs no split.
 
-    Under torch.distributed (`distributed=None` and a process group initialized, or True)
-    E and U are this rank's shards (`None`: empty); see `sharded_probe`.
+    `distributed=True` (under a process group; every rank must call, else a ValueError naming
+    the missing ranks after the rendezvous timeout): E and U are this rank's shards (`None`:
+    empty); see `sharded_probe`. `distributed=False`: this process's E and U alone, even under
+    a group. None under a group of several ranks raises, asking for one of the two.
     """
     stepper = step_of(lora, preconditioner=preconditioner, eta=eta, optimizer=optimizer,
                       named_params=named_params, max_grad_norm=max_grad_norm, lr=lr, step=step, v_y=v_y)  # fmt: skip
     check_response_microbatch(method, response_microbatch)
     kw = dict(method=method, weighting=weighting, microbatch=microbatch, response_microbatch=response_microbatch,
               temperature=temperature)  # fmt: skip
-    if is_distributed(distributed):
-        return sharded_probe(model, lora, E, U, stepper=stepper, progress=progress, **kw)
+    if is_distributed(distributed, "probe"):
+        with sharded("probe"):
+            return sharded_probe(model, lora, E, U, stepper=stepper, progress=progress, **kw)
     for name, b in (("E", E), ("U", U)):
         require_batch(b, "probe")
         if len(b) < 2:
@@ -244,7 +250,8 @@ def sharded_probe(model, lora, E: Batch | None, U: Batch | None, *, stepper, pro
     local = agree(lambda: [moments(s), moments(t), pair_moments(s, t, pairs)])  # a non-finite s raises
     m_s, m_t, m_c = all_moments(local)
     s_all, t_all = all_gather_vector(s), all_gather_vector(t)
-    return assemble(mu_x, view, stepper, m_s, m_t, m_c, s_all, t_all, timings=timings, **kw)
+    result = assemble(mu_x, view, stepper, m_s, m_t, m_c, s_all, t_all, timings=timings, **kw)
+    return replace(result, ranks=rank_and_world()[1])
 
 
 def assemble(mu_x, view: StepView, stepper, m_s: Moments, m_t: Moments, m_c: Moments, s: Tensor, t: Tensor,

@@ -59,6 +59,8 @@ class Rollouts:
         max_lengths: ``[N]`` ints ``Lmax[n] >=`` longest response of prompt n, or ``None``
             (then Lmax is the longest response, decided by ``make_batch``).
         has_advantages: False for an evaluation file without advantages or rewards.
+        rewards: ``[N][G]`` the raw rewards when every line gave ``rewards`` (else ``None``),
+            for losses that normalise them their own way (TRL's ``scale_rewards``).
 
     Construction validates the structure (ValueError naming ``prompt n`` / ``response g``).
     """
@@ -68,12 +70,15 @@ class Rollouts:
     advantages: list[list[float]]
     max_lengths: list[int] | None = None
     has_advantages: bool = True
+    rewards: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
         if len(self.responses) != n or len(self.advantages) != n:
             raise ValueError(f"got {n} prompts, {len(self.responses)} response groups and "
                              f"{len(self.advantages)} advantage rows")
+        if self.rewards is not None and len(self.rewards) != n:
+            raise ValueError(f"got {len(self.rewards)} reward rows for {n} prompts")
         if self.max_lengths is not None and len(self.max_lengths) != n:
             raise ValueError(f"got {len(self.max_lengths)} max_lengths for {n} prompts")
         g0 = len(self.responses[0]) if n else 0
@@ -85,6 +90,8 @@ class Rollouts:
                 raise ValueError(f"{where}has G = {len(group)} responses, prompt 0 has {g0}")
             _check_group(group, where)
             _check_numbers(self.advantages[i], "advantages", len(group), where)
+            if self.rewards is not None:
+                _check_numbers(self.rewards[i], "rewards", len(group), where)
             if self.max_lengths is not None:
                 _check_max_length(self.max_lengths[i], group, where)
 
@@ -159,8 +166,9 @@ def _tokens(value: Any, what: str, where: str, line_no: int,
 
 
 def _parse_line(obj: Any, where: str, line_no: int, tokenizer: Tokenizer | None,
-                ) -> tuple[list[int], list[list[int]], list[float] | None, int | None]:
-    """One JSON object -> (prompt ids, G response ids, G advantages or None, max_length or None)."""
+                ) -> tuple[list[int], list[list[int]], list[float] | None, int | None, list[float] | None]:
+    """One JSON object -> (prompt ids, G response ids, G advantages or None, max_length or None,
+    the G raw rewards or None)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}expected a JSON object, got {type(obj).__name__}")
     for key in ("prompt", "responses"):
@@ -174,7 +182,7 @@ def _parse_line(obj: Any, where: str, line_no: int, tokenizer: Tokenizer | None,
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"{where}responses must be a non-empty list")
     group = [_tokens(r, f"response {g}", where, line_no, tokenizer) for g, r in enumerate(raw)]
-    adv = None
+    adv = rewards = None
     if has_adv:
         adv = _check_numbers(obj["advantages"], "advantages", len(group), where)
     elif has_rew:
@@ -184,7 +192,7 @@ def _parse_line(obj: Any, where: str, line_no: int, tokenizer: Tokenizer | None,
     max_len = obj.get("max_length")
     if max_len is not None:
         _check_max_length(max_len, group, where)
-    return prompt, group, adv, max_len
+    return prompt, group, adv, max_len, rewards
 
 
 def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None = None) -> Rollouts:
@@ -214,6 +222,7 @@ def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None =
     responses: list[list[list[int]]] = []
     advantages: list[list[float] | None] = []
     given: list[int | None] = []
+    rewards: list[list[float] | None] = []
     first_line = 0
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -223,7 +232,7 @@ def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None =
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}invalid JSON: {e.msg} (column {e.colno})") from e
-        prompt, group, adv, max_len = _parse_line(obj, where, line_no, tokenizer)
+        prompt, group, adv, max_len, rew = _parse_line(obj, where, line_no, tokenizer)
         if not prompts:
             first_line = line_no
         elif len(group) != len(responses[0]):
@@ -237,6 +246,7 @@ def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None =
         responses.append(group)
         advantages.append(adv)
         given.append(max_len)
+        rewards.append(rew)
     if not prompts:
         raise ValueError(f"{p}: no rollouts (the file is empty or has only blank lines)")
     max_lengths = None
@@ -246,17 +256,20 @@ def read_rollouts(path: str | os.PathLike[str], *, tokenizer: Tokenizer | None =
     if advantages[0] is None:
         zeros = [[0.0] * len(grp) for grp in responses]
         return Rollouts(prompts, responses, zeros, max_lengths, has_advantages=False)
-    return Rollouts(prompts, responses, advantages, max_lengths)
+    raw = rewards if all(r is not None for r in rewards) else None
+    return Rollouts(prompts, responses, advantages, max_lengths, rewards=raw)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
 def write_rollouts(path: str | os.PathLike[str], rollouts: Rollouts) -> None:
-    """Write ``rollouts`` as JSONL: ids, advantages (and ``max_length``), one prompt a line.
+    """Write ``rollouts`` as JSONL: ids, advantages — or the raw rewards when the Rollouts keep
+    them (read back as the same rewards and their centred advantages) — and ``max_length``,
+    one prompt a line.
 
     Floats are written with ``repr`` precision, so :func:`read_rollouts` gives back exactly
-    the same Rollouts. The file is written next to ``path`` and then renamed over it.
+    the same Rollouts (up to the rounding of r − mean when rewards are kept). The file is written next to ``path`` and then renamed over it.
     """
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
@@ -266,7 +279,9 @@ def write_rollouts(path: str | os.PathLike[str], rollouts: Rollouts) -> None:
                 "prompt": [int(t) for t in rollouts.prompts[i]],
                 "responses": [[int(t) for t in r] for r in rollouts.responses[i]],
             }
-            if rollouts.has_advantages:
+            if rollouts.rewards is not None:
+                obj["rewards"] = [float(r) for r in rollouts.rewards[i]]
+            elif rollouts.has_advantages:
                 obj["advantages"] = [float(a) for a in rollouts.advantages[i]]
             if rollouts.max_lengths is not None:
                 obj["max_length"] = int(rollouts.max_lengths[i])

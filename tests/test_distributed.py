@@ -78,24 +78,24 @@ def rank_results(rank: int, world: int) -> dict:
     out = {}
     model, lora, pre, E, U, d = setting(torch.float64)
     sh = lambda b: fp.shard_batch(b, rank, world)  # noqa: E731
-    kw = dict(preconditioner=pre, eta=ETA)
+    kw = dict(preconditioner=pre, eta=ETA, distributed=True)
     out["probe"] = asdict(fp.probe(model, lora, sh(E), sh(U), **kw))
     out["probe_small_E"] = asdict(fp.probe(model, lora, sh(E[:2]), sh(U), **kw))
     out["probe_shared"] = asdict(fp.probe(model, lora, sh(E), sh(E), **kw))
     out["probe_vjp"] = asdict(fp.probe(model, lora, sh(E), sh(U), method="vjp", microbatch=1, **kw))
-    out["mean_x"] = fp.mean_grad(model, lora, sh(E[:2]), loss="x")
-    out["mean_y"] = fp.mean_grad(model, lora, sh(U), loss="y", preconditioner=pre)
-    out["alpha"] = asdict(fp.alpha_variance(lora, sh(E), model=model, direction=d, eta=ETA))
-    out["alpha_small"] = asdict(fp.alpha_variance(lora, sh(E[:2]), model=model, direction=d, eta=ETA))
+    out["mean_x"] = fp.mean_grad(model, lora, sh(E[:2]), loss="x", distributed=True)
+    out["mean_y"] = fp.mean_grad(model, lora, sh(U), loss="y", preconditioner=pre, distributed=True)
+    out["alpha"] = asdict(fp.alpha_variance(lora, sh(E), model=model, direction=d, eta=ETA, distributed=True))
+    out["alpha_small"] = asdict(fp.alpha_variance(lora, sh(E[:2]), model=model, direction=d, eta=ETA, distributed=True))
     out["local"] = asdict(fp.alpha_variance(lora, E, model=model, direction=d, distributed=False))
     out["errors"] = {
         "probe": error_of(lambda: fp.probe(model, lora, sh(E[:1]), sh(U), **kw)),
-        "alpha": error_of(lambda: fp.alpha_variance(lora, sh(E[:1]), model=model, direction=d)),
-        "mean": error_of(lambda: fp.mean_grad(model, lora, None)),
+        "alpha": error_of(lambda: fp.alpha_variance(lora, sh(E[:1]), model=model, direction=d, distributed=True)),
+        "mean": error_of(lambda: fp.mean_grad(model, lora, None, distributed=True)),
         "vocab": error_of(lambda: fp.probe(model, lora, sh(E), sh(bad_U(model.vocab_size)), **kw)),
     }
     model32, lora32, pre32, E32, U32, _ = setting(torch.float32)
-    out["probe_fp32"] = asdict(fp.probe(model32, lora32, sh(E32), sh(U32), preconditioner=pre32, eta=ETA))
+    out["probe_fp32"] = asdict(fp.probe(model32, lora32, sh(E32), sh(U32), preconditioner=pre32, eta=ETA, distributed=True))
     return out
 
 

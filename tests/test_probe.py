@@ -338,7 +338,7 @@ def sharded_results(rank: int, world: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))  # fmt: skip
     try:
-        kw = dict(optimizer=opt, named_params=params, max_grad_norm=0.05)
+        kw = dict(optimizer=opt, named_params=params, max_grad_norm=0.05, distributed=True)
         out = {v: asdict(probe(model, lora, fp.shard_batch(E), fp.shard_batch(U), v_y=v, **kw))
                for v in ("linear", "jackknife")}  # fmt: skip
     finally:
