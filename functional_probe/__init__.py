@@ -52,6 +52,8 @@ _EXPORTS = {
     "NextStep": "optim_step",
     "next_step": "optim_step",
     "TrainerLoss": "trl_config",
+    "TrainerProbe": "trl_probe",
+    "trainer_probe": "trl_probe",
     "trainer_grad": "trl_loss",
     "trainer_group_grads": "trl_loss",
     "trainer_loss": "trl_loss",

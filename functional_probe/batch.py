@@ -14,7 +14,8 @@ never by comparing tokens with the pad id: a response may legitimately contain t
 or EOS id.
 
 Validation happens once, in :func:`make_batch`, with the checks of
-:mod:`functional_probe.validation` (the token validator is the one rollout files use too);
+:mod:`functional_probe.batch_checks` and :mod:`functional_probe.validation` (the token
+validator is the one rollout files use too);
 every bad input raises ``ValueError`` naming the offending prompt ``n`` / response ``g`` and
 what was expected. Token ids at
 or above the vocabulary size are checked by :meth:`Batch.check_vocab`, because only the
@@ -29,11 +30,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import einops
-import numpy as np
 import torch
 from torch import Tensor
 
-from .validation import INT64_MAX, as_list, check_advantages, check_max_lengths, check_tokens, is_int
+from .batch_checks import check_batch_vocab, check_groups, check_pad_token_id
+from .validation import check_advantages, check_max_lengths
 
 __all__ = ["Batch", "make_batch"]
 
@@ -77,9 +78,7 @@ class Batch:
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 3:
-            raise ValueError(
-                f"Batch.input_ids must be [N, G, T], got shape {tuple(self.input_ids.shape)}"
-            )
+            raise ValueError(f"Batch.input_ids must be [N, G, T], got shape {tuple(self.input_ids.shape)}")
         n, g, t = self.input_ids.shape
         expected = {
             "attention_mask": (n, g, t),
@@ -93,10 +92,8 @@ class Batch:
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
-                raise ValueError(
-                    f"Batch.{name} has shape {got}, expected {shape} to match "
-                    f"input_ids [N, G, T] = {(n, g, t)}"
-                )
+                raise ValueError(f"Batch.{name} has shape {got}, expected {shape} to match "
+                                 f"input_ids [N, G, T] = {(n, g, t)}")
 
     # ------------------------------------------------------------------ shape
     @property
@@ -190,33 +187,9 @@ class Batch:
 
     # ------------------------------------------------------------- validation
     def check_vocab(self, vocab_size: int) -> None:
-        """Check every real (non-pad) token id lies in ``[0, vocab_size)``.
-
-        Pad positions are ignored (the pad id may be anything the model never reads).
-
-        Raises:
-            ValueError: naming the first offending prompt ``n`` (and response ``g`` and
-                position within the response, or position within the prompt) and the
-                allowed range.
-        """
-        if (
-            isinstance(vocab_size, bool)
-            or not isinstance(vocab_size, numbers.Integral)
-            or vocab_size <= 0
-        ):
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        bad = self.attention_mask & ((self.input_ids < 0) | (self.input_ids >= vocab_size))
-        if not bool(bad.any()):
-            return
-        n, g, col = (int(v) for v in torch.nonzero(bad)[0])
-        token = int(self.input_ids[n, g, col])
-        p = self.prompt_end
-        if col < p:
-            pos = col - (p - int(self.prompt_lengths[n]))
-            where = f"prompt {n}: prompt token {pos}"
-        else:
-            where = f"prompt {n}, response {g}: response token {col - p}"
-        raise ValueError(f"{where} has id {token}, outside the vocabulary [0, {int(vocab_size)})")
+        """Check every real (non-pad) token id lies in ``[0, vocab_size)``; ValueError naming the
+        first offending prompt / response / position (``batch_checks.check_batch_vocab``)."""
+        check_batch_vocab(self, vocab_size)
 
     def require_advantages(self, what: str, loss: str = "y") -> None:
         """Raise ValueError if ``loss`` is the Y loss and the batch carries no advantages
@@ -229,19 +202,8 @@ class Batch:
     # ----------------------------------------------------------------- device
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with every tensor on ``device`` (dtypes unchanged)."""
-        return replace(
-            self,
-            **{
-                f.name: getattr(self, f.name).to(device)
-                for f in fields(self)
-                if f.name not in NOT_TENSORS
-            },
-        )
-
-
-# ---------------------------------------------------------------------------------
-# construction (the checks of each input live in functional_probe.validation)
-# ---------------------------------------------------------------------------------
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name not in NOT_TENSORS}
+        return replace(self, **moved)
 
 
 def make_batch(
@@ -281,37 +243,9 @@ def make_batch(
             wrong length, non-int, <= 0 or shorter than a response; a negative or non-int
             pad_token_id.
     """
-    if not is_int(pad_token_id) or pad_token_id < 0 or pad_token_id > INT64_MAX:
-        raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
-    prompt_list = as_list(prompts, "prompts")
-    group_list = as_list(responses, "responses")
-    if len(prompt_list) == 0:
-        raise ValueError("make_batch needs at least one prompt, got 0 (N == 0)")
-    if len(group_list) != len(prompt_list):
-        raise ValueError(
-            f"got {len(prompt_list)} prompts but {len(group_list)} response groups; "
-            "expected one group of responses per prompt"
-        )
-    n_prompts = len(prompt_list)
-
-    prompt_toks = [check_tokens(p, f"prompt {n}") for n, p in enumerate(prompt_list)]
-    resp_toks: list[list[list[int]]] = []
-    group = -1
-    for n, grp in enumerate(group_list):
-        if isinstance(grp, Tensor | np.ndarray) and grp.ndim != 2:
-            raise ValueError(
-                f"responses of prompt {n} must be G token sequences, got an array of shape "
-                f"{tuple(grp.shape)}"
-            )
-        rs = as_list(grp, f"responses of prompt {n}")
-        if len(rs) == 0:
-            raise ValueError(f"prompt {n} has 0 responses, expected at least 1")
-        if group < 0:
-            group = len(rs)
-        elif len(rs) != group:
-            raise ValueError(f"prompt {n} has {len(rs)} responses, expected {group} like prompt 0")
-        resp_toks.append([check_tokens(r, f"prompt {n}, response {g}") for g, r in enumerate(rs)])
-
+    pad_token_id = check_pad_token_id(pad_token_id)
+    prompt_toks, resp_toks = check_groups(prompts, responses)
+    n_prompts, group = len(prompt_toks), len(resp_toks[0])
     resp_lens = [[len(r) for r in rs] for rs in resp_toks]
     adv = (
         torch.zeros(n_prompts, group, dtype=torch.float32)

@@ -1,14 +1,9 @@
 """`functional-probe run --checkpoint checkpoint-N/ --rollouts U.jsonl --eval E.jsonl`: δH₁ ± SE
 of the exact next step a TRL GRPOTrainer takes from a saved checkpoint.
 
-The update is TRL's: p.grad = ∇θ of the GRPOConfig's loss (`trl_loss.trainer_grad`: loss_type,
-temperature, β against the adapter-free base, scale_rewards of the file's raw rewards,
-max_completion_length, masked truncated completions) on the rows of U, then clip_grad_norm_
-(max_grad_norm) and the saved optimizer's next step at the scheduler's lr (`AdamState.step`).
-δH₁ = <μX, Δθ> with μX the mean X gradient of E at the GRPOConfig's temperature. V_X from
-s_n = <X_n, Δθ/η>; V_Y from t_p = <−N·∇L_trl[p], b>, b = −Jᵀ μX/η the step's pullback (the
-same linearisation as `probe(step="optimizer")`; L_trl[p] are the per-prompt terms of TRL's
-loss, which sum to it). E and U are taken as disjoint (no cross term).
+The update is TRL's, with the GRPOConfig's loss on the rows of U, clip_grad_norm_(max_grad_norm)
+and the saved optimizer's next step at the scheduler's lr (`trl_probe.trainer_probe`, whose
+docstring has the formulas); scale_rewards acts on the file's raw rewards.
 
 U gives one line per prompt: its G completions (those of one generation batch) with raw
 `rewards` (TRL's advantages are computed with the config's scale_rewards) or TRL's
@@ -58,6 +53,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     from .model import load_model
     from .optimizer_state import check_lr
     from .trainer_checkpoint import read_trainer_checkpoint
+    from .trl_probe import trainer_probe
 
     check_args(args)
     check_paths(args)
@@ -78,8 +74,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     say(f"loading model ({device}, {args.dtype})")
     model = load_model(model_dir, ckpt.path, quantize=args.quantize, dtype=dtype, device=device)
-    result = trainer_step_probe(model, E, [mb.to(device) for mb in mbs], ckpt, lrs=lrs, num_groups=len(U),
-                                method=args.method, microbatch=args.microbatch, progress=say)  # fmt: skip
+    probed = trainer_probe(model, model.lora, [mb.to(device) for mb in mbs], ckpt.loss, E, optimizer=ckpt.state,
+                           max_grad_norm=ckpt.max_grad_norm, lr=lrs, num_groups=len(U), method=args.method,
+                           microbatch=args.microbatch, progress=say)  # fmt: skip
+    result = probed.result
     finish(args, result, None, say, ckpt.order)
     return 0
 
@@ -132,54 +130,3 @@ def micro_batches(rows, ckpt, path: str):
                          f"per_device_train_batch_size × gradient_accumulation_steps = {size} × {ga} = "
                          f"{size * ga} rows")  # fmt: skip
     return rows.split(size)
-
-
-def with_reference(model, mb, loss):
-    """`mb` with the reference log-probs TRL's KL term uses for a PEFT model: the adapter disabled
-    (a zero LoRA dict), at the loss's temperature, without gradient."""
-    from dataclasses import replace
-
-    import torch
-
-    from .trl_loss import trainer_token_logps
-
-    zero = {k: torch.zeros_like(v) for k, v in model.lora.items()}
-    with torch.no_grad():
-        ref = trainer_token_logps(model, zero, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                                  temperature=loss.temperature)  # fmt: skip
-    return replace(mb, ref_logps=ref.float())
-
-
-def trainer_step_probe(model, E, mbs, ckpt, *, lrs, num_groups: int, method: str, microbatch, progress):
-    """ProbeResult of the trainer's next step on the micro-batches `mbs` (module docstring)."""
-    from .alpha import alpha_projections
-    from .grads import mean_grad
-    from .probe import assemble, pair_moments, timed
-    from .probe_step import step_of
-    from .stats import moments
-    from .trl_loss import trainer_grad, trainer_group_grads
-
-    loss, lora = ckpt.loss, model.lora
-    stepper = step_of(lora, preconditioner=None, eta=None, optimizer=ckpt.state, named_params=None,
-                      max_grad_norm=ckpt.max_grad_norm, lr=lrs, step="optimizer", v_y="linear")  # fmt: skip
-    if loss.beta:
-        mbs = [with_reference(model, mb, loss) for mb in mbs]
-    timings: dict[str, float] = {}
-    kw = dict(temperature=loss.temperature, microbatch=microbatch)
-    with timed(timings, "total"):
-        progress("mean X gradient over E")
-        with timed(timings, "mu_x"):
-            mu_x = mean_grad(model, lora, E, loss="x", distributed=False, **kw)
-        progress(f"TRL's {loss.loss_type} gradient over the rollouts and the optimizer's next step")
-        with timed(timings, "mu_y"):
-            view = stepper.take({k: -v for k, v in trainer_grad(model, lora, mbs, loss).items()}, lora)
-        progress("projections s of E on the step")
-        with timed(timings, "proj_s"):
-            s = alpha_projections(model, lora, E, view.direction, loss="x", method=method, **kw)
-        progress("per-prompt TRL gradients on the step's pullback of mu_X")
-        with timed(timings, "proj_t"):
-            per_prompt, b = trainer_group_grads(model, lora, mbs, loss, num_groups=num_groups), view.pullback(mu_x)
-            t = -num_groups * sum((per_prompt[k].double() * b[k].double()).flatten(1).sum(1) for k in b)
-    empty = pair_moments(s, t, [])
-    return assemble(mu_x, view, stepper, moments(s), moments(t), empty, s, t, timings=timings, method=method,
-                    weighting="dr_grpo")  # fmt: skip

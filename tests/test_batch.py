@@ -230,21 +230,6 @@ def test_to_device_roundtrip():
     assert meta.input_ids.shape == batch.input_ids.shape
 
 
-def test_check_vocab():
-    prompts = [[1, 2], [3, 4, 5]]
-    responses = [[[6], [7, 8]], [[9], [10, 11, 12]]]
-    batch = make_batch(prompts, responses, pad_token_id=99)  # pad id ≥ vocab is fine
-    batch.check_vocab(13)
-    with pytest.raises(ValueError, match=r"prompt 1, response 1: response token 2 has id 12"):
-        batch.check_vocab(12)
-    with pytest.raises(ValueError, match=r"prompt 0: prompt token 1 has id 2, outside .*\[0, 2\)"):
-        make_batch([[0, 2], [1, 1]], [[[0]], [[1]]]).check_vocab(2)
-    with pytest.raises(ValueError, match=r"prompt 1: prompt token 1 has id 5"):
-        make_batch([[0, 0], [1, 5, 1]], [[[0]], [[1]]]).check_vocab(5)
-    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
-        batch.check_vocab(0)
-
-
 def test_batch_constructor_checks_shapes():
     batch = make_batch(*_example())
     with pytest.raises(ValueError, match="advantages has shape"):

@@ -8,6 +8,8 @@ only its inputs; backward recomputes the module through `torch.func.vjp` and pul
 cotangent back. With `generate_vmap_rule` it also runs under `vmap(grad)`. It is first-order
 only (no `jvp`, backward not differentiable again): forward mode and double reverse use the
 plain forward.
+After each layer's forward and backward the heap's free pages go back to the OS (allocator.py):
+with glibc's defaults the freed activations would otherwise stay resident between the layers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp
 
+from .allocator import release_freed_memory
+
 
 class _Checkpoint(torch.autograd.Function):
     """apply(module, names, layout, x, *tensors): `tensors` = the extra tensor arguments, then
@@ -27,7 +31,9 @@ class _Checkpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(module: nn.Module, names: tuple[str, ...], layout: tuple, x: Tensor, *tensors: Tensor) -> Tensor:
-        return _run(module, names, layout, x, tensors)
+        out = _run(module, names, layout, x, tensors)
+        release_freed_memory()  # the layer's activations are garbage now; see allocator.py
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -50,6 +56,8 @@ class _Checkpoint(torch.autograd.Function):
         with torch.no_grad():
             _, pullback = vjp(run, x, values)
             grad_x, grad_values = pullback(grad_out)
+        del pullback  # its recomputed activations, before the heap is trimmed
+        release_freed_memory()
         return (None, None, None, grad_x, *([None] * n_extra), *grad_values)
 
 
