@@ -73,6 +73,8 @@ _EXPORTS = {
     "sample": "sampling",
     "Rollouts": "rollouts",
     "read_rollouts": "rollouts",
+    "read_trainer_checkpoint": "trainer_checkpoint",
+    "TrainerCheckpoint": "trainer_checkpoint",
     "write_rollouts": "rollouts",
 }
 
