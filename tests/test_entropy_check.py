@@ -74,3 +74,27 @@ def test_bad_arguments_raise_naming_them(enumerable_setup, kwargs, match):
     kw = dict(scales=[0.1]) | kwargs
     with pytest.raises(ValueError, match=match):
         entropy_check(model, lora, step, E, kw.pop("scales"), **kw)
+
+
+def test_plot_marks_the_probed_step_and_the_first_order_edge(checked, tmp_path):
+    """The figure carries every series, the probed step and s* (read back from the axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from functional_probe.report import plot_entropy_check
+
+    check, _, _ = checked
+    figures = []
+    real_close = plt.close
+    plt.close = lambda fig=None: figures.append(fig)  # keep the figure to read it
+    try:
+        plot_entropy_check(check, tmp_path / "check.png")
+    finally:
+        plt.close = real_close
+    assert (tmp_path / "check.png").stat().st_size > 10_000
+    labels = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert any(label.startswith("realized ΔH(s), rb: slope") for label in labels)
+    assert "the probed step (s = 1)" in labels and any(label.startswith("s* = ") for label in labels)
+    real_close(figures[0])
