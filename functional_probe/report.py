@@ -180,6 +180,21 @@ def plot_change(ax, etas: Sequence[float], values: Sequence[float], label: str, 
             ax.loglog(*zip(*pts, strict=True), marker, color=color, mfc=fill, ms=6, ls="none")
 
 
+def save_change_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
+    """The sign legend, axis labels and title shared by the change plots; saves and closes `fig`."""
+    import matplotlib.pyplot as plt
+
+    ax.plot([], [], "k^", label="change > 0 (entropy up)")
+    ax.plot([], [], "kv", mfc="white", label="change < 0 (entropy down)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("|change of the per-token entropy rate| (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_first_order(check: FirstOrderCheck, path: Path,
                      extra: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> None:  # fmt: skip
     """Predicted and actual change against the step η (log-log, |value|; ▲ > 0, ▽ < 0), the
@@ -203,15 +218,8 @@ def plot_first_order(check: FirstOrderCheck, path: Path,
                    label=f"fp32 noise floor {check.noise_floor:.1g}: below it, rounding of S")  # fmt: skip
     if check.probed is not None:
         ax.axvline(check.probed.eta, color="k", ls="--", lw=0.8, label=f"probed η = {check.probed.eta:.3g}")
-    ax.plot([], [], "k^", label="change > 0 (entropy up)")
-    ax.plot([], [], "kv", mfc="white", label="change < 0 (entropy down)")
-    ax.set_xlabel("step size η (θ → θ + η·μY)")
-    ax.set_ylabel("|change of the per-token entropy rate| (nats/token)")
-    ax.set_title("Where the first-order prediction holds (the curves coincide)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_change_plot(fig, ax, "step size η (θ → θ + η·μY)",
+                     "Where the first-order prediction holds (the curves coincide)", path)  # fmt: skip
 
 
 def plot_entropy_check(check: EntropyCheck, path: Path) -> None:
@@ -236,12 +244,5 @@ def plot_entropy_check(check: EntropyCheck, path: Path) -> None:
     if check.s_star is not None:
         ax.axvline(check.s_star, color="gray", ls=":", lw=1,
                    label=f"s* = {check.s_star:.3g}: |δH₂| = {check.fraction:g}·|δH₁|")  # fmt: skip
-    ax.plot([], [], "k^", label="change > 0 (entropy up)")
-    ax.plot([], [], "kv", mfc="white", label="change < 0 (entropy down)")
-    ax.set_xlabel("scale s of the step (θ → θ + s·Δθ)")
-    ax.set_ylabel("|change of the per-token entropy rate| (nats/token)")
-    ax.set_title("Does δH₁ come true? (on the line where the curves coincide)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_change_plot(fig, ax, "scale s of the step (θ → θ + s·Δθ)",
+                     "Does δH₁ come true? (on the line where the curves coincide)", path)  # fmt: skip

@@ -108,3 +108,12 @@ def random_rollouts(n: int, g: int, vocab: int, seed: int = 0, max_prompt: int =
     prompts = [seq(max_prompt) for _ in range(n)]
     responses = [[seq(max_response) for _ in range(g)] for _ in range(n)]
     return prompts, responses, torch.randn(n, g, generator=gen).tolist()
+
+
+def error_of(fn) -> str | None:
+    """The message of the ValueError `fn()` raises, or None (for checks run inside worker processes)."""
+    try:
+        fn()
+    except ValueError as err:
+        return str(err)
+    return None

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import proj_rel_err, random_direction, random_rollouts
+from helpers import error_of, proj_rel_err, random_direction, random_rollouts
 
 import functional_probe as fp
 from functional_probe.grads import dot
@@ -63,14 +63,6 @@ def bad_U(vocab: int) -> fp.Batch:
     pu, ru, au = random_rollouts(4, 3, vocab, seed=12)
     pu[-1] = pu[-1] + [vocab + 5]
     return fp.make_batch(pu, ru, advantages=au)
-
-
-def error_of(fn) -> str | None:
-    try:
-        fn()
-    except ValueError as err:
-        return str(err)
-    return None
 
 
 def rank_results(rank: int, world: int) -> dict:

@@ -53,16 +53,9 @@ def adam_state(lora):
     return opt.state_dict()
 
 
-def error_of(fn) -> str | None:
-    try:
-        fn()
-    except ValueError as err:
-        return str(err)
-    return None
-
-
 def rank_main(root: str) -> None:
     from accelerate import PartialState
+    from helpers import error_of
 
     torch.set_num_threads(1)
     state = PartialState(cpu=True)
