@@ -45,7 +45,7 @@ _EXPORTS = {
     "from_peft": "model",
     "load_model": "model",
     "tiny_model": "model",
-    "OptimizerState": "optimizer_state",
+    "OptimizerState": "optim_match",
     "read_optimizer_state": "optimizer_state",
     "save_optimizer_state": "optimizer_state",
     "AdamState": "optim_step",
