@@ -49,7 +49,7 @@ _EXPORTS = {
     "read_optimizer_state": "optimizer_state",
     "save_optimizer_state": "optimizer_state",
     "AdamState": "optim_step",
-    "NextStep": "optim_step",
+    "NextStep": "optim_update",
     "next_step": "optim_step",
     "TrainerLoss": "trl_config",
     "EntropyCheck": "entropy_check",
