@@ -40,7 +40,8 @@ from harness.points import bench_batch, random_direction
 import functional_probe as fp
 from functional_probe.logprobs import grouped_logprobs
 from functional_probe.model import dual, fast_primal
-from functional_probe.model.loading import build_model, dense_or_nf4
+from functional_probe.model.base_weights import dense_or_nf4
+from functional_probe.model.loading import build_model
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 from functional_probe.testing import peft_twin
 

@@ -33,7 +33,8 @@ def measure(mode: str) -> float:
     from harness import current_rss, peak_rss, reset_peak_rss
 
     import functional_probe as fp
-    from functional_probe.model.loading import build_model, dense_or_nf4
+    from functional_probe.model.base_weights import dense_or_nf4
+    from functional_probe.model.loading import build_model
     from functional_probe.model.tiny import tiny_config, tiny_lora, tiny_state_dict
 
     torch.set_num_threads(2)

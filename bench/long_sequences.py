@@ -47,7 +47,8 @@ def smollm2_model(vocab: int = 49152, layers: int = 30):
     """Random SmolLM2-shaped FunctionalModel, LoRA r=8 (both factors non-zero), fp32."""
     import torch
 
-    from functional_probe.model.loading import build_model, dense_or_nf4
+    from functional_probe.model.base_weights import dense_or_nf4
+    from functional_probe.model.loading import build_model
     from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 
     config = smollm2_config(vocab, layers)

@@ -52,7 +52,8 @@ def qwen05_model(quantize: str | None):
     so no full-precision copy of all linears exists while an NF4 model is built."""
     from transformers import Qwen2Config
 
-    from functional_probe.model.loading import build_model, dense_or_nf4
+    from functional_probe.model.base_weights import dense_or_nf4
+    from functional_probe.model.loading import build_model
     from functional_probe.model.tiny import tiny_lora
 
     cfg = Qwen2Config(**QWEN05)

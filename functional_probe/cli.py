@@ -151,8 +151,8 @@ def check_adapter_fits(shapes: dict[str, tuple[int, ...]], model_dir: Path, adap
     """Every LoRA factor fits its projection in `model_dir`'s config (before any weight is read)."""
     from transformers import AutoConfig
 
+    from .model.adapter import linear_shapes
     from .model.decoder import DecoderConfig
-    from .model.loading import linear_shapes
 
     cfg = DecoderConfig.from_hf(AutoConfig.from_pretrained(str(model_dir)))
     dims = linear_shapes(cfg)

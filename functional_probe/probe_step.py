@@ -17,7 +17,8 @@ from torch.nn import Parameter
 
 from .batch import Batch
 from .grads import dot64, microbatches, per_sample_grads
-from .optim_step import AdamState, NextStep, clip_factor, group_lrs
+from .optim_step import AdamState
+from .optim_update import NextStep, clip_factor, group_lrs
 from .validation import check_step_size
 
 Preconditioner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]

@@ -1,10 +1,7 @@
 """The project's own sampler: KV-cached incremental decoding with common random numbers.
 
-`CachedDecoder` runs the decoder of a `FunctionalModel` one token at a time with a key/value
-cache, NF4 dequantized once per θ and, in fp32/fp64, LoRA merged into each frozen weight
-(W' = W + s·B A: no gradient flows here, so the merged primal is exact and cheapest, DESIGN §3);
-in bf16/fp16 the LoRA terms stay low-rank, because rounding W + s·B A to 8 bits of mantissa
-would swallow the small steps the estimators compare (measured: logit changes 75% wrong).
+`model.cached_decoder.CachedDecoder` runs the decoder of a `FunctionalModel` one token at a time
+with a key/value cache (NF4 dequantized once per θ, LoRA merged in fp32/fp64).
 
 `sample` draws G responses per prompt by the Gumbel-max trick, y = argmax_v (log q_v + g_v),
 from q = TopP(TopK(softmax(z/τ))) (transformers' warper order), with g_v = −log(−log u_v) and
@@ -24,15 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from .entropy import DEFAULT_CHUNK_ROWS, TokenStats, check_filters, cross_entropy_rows, head_chunks
 from .logprobs import check_temperature
 from .model import FunctionalModel
-from .model.functional import positions_from_mask
-from .model.layers import LoRALinear, apply_rotary, rotary_cos_sin
+from .model.cached_decoder import CachedDecoder
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -59,132 +53,6 @@ def crn_uniforms(keys: np.ndarray, vocab: int) -> Tensor:
     tokens = (np.arange(vocab, dtype=np.uint64) + np.uint64(1)) * np.uint64(_GOLDEN)
     h = _splitmix(keys[:, None] + tokens[None, :])  # SplitMix64's stream seeded with the row key
     return torch.from_numpy(((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53)
-
-
-MERGED_DTYPES = (torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class GroupLinear:
-    """Projections sharing one input as one frozen matmul: y = x Wᵀ + b, W the projections' rows
-    (NF4 dequantized once). In fp32/fp64 LoRA is merged, W = W₀ + s·B A; in bf16/fp16 rounding
-    W₀ + s·B A would swallow small steps, so there each LoRA term is added as s·(x Aᵀ) Bᵀ on its
-    output columns, as the decoder computes it."""
-
-    weight: Tensor  # [Σ out, in]
-    bias: Tensor | None  # [Σ out] (zeros where a projection has none)
-    low_rank: list[tuple[slice, Tensor, Tensor, float]]  # (columns, A, B, s) kept unmerged
-
-    def __call__(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        for cols, a, b, scaling in self.low_rank:  # fp32 factors on a bf16 base: PEFT's autocast rule
-            low_rank = F.linear(F.linear(x.to(a.dtype), a), b)
-            y[..., cols] = (y[..., cols] + low_rank * scaling).to(y.dtype)
-        return y
-
-
-def group_linear(modules: list, names: list[str], keys: Mapping[str, str], lora: Mapping[str, Tensor]) -> GroupLinear:
-    """GroupLinear of frozen or LoRA linears `modules` (internal names `names`; `keys` maps internal
-    LoRA names to the keys of `lora`)."""
-    weights, biases, low_rank, start, has_bias = [], [], [], 0, False
-    for module, name in zip(modules, names, strict=True):
-        base = module.base if isinstance(module, LoRALinear) else module
-        weight = base.dequantized_weight()
-        if isinstance(module, LoRALinear):
-            a, b = lora[keys[f"{name}.lora_A"]], lora[keys[f"{name}.lora_B"]]
-            if weight.dtype in MERGED_DTYPES:
-                weight = weight + module.scaling * (b @ a)
-            else:
-                low_rank.append((slice(start, start + weight.shape[0]), a, b, module.scaling))
-        weights.append(weight)
-        biases.append(base.bias if base.bias is not None else weight.new_zeros(weight.shape[0]))
-        has_bias |= base.bias is not None
-        start += weight.shape[0]
-    return GroupLinear(torch.cat(weights), torch.cat(biases) if has_bias else None, low_rank)
-
-
-class CachedDecoder:
-    """The decoder of `model` at LoRA dict `lora`, decoding incrementally with a KV cache.
-
-    `start(ids, mask, capacity)` runs the (left-padded) prompts [R, P] and returns the last
-    hidden state [R, D]; each `step(tokens [R])` appends one token per row and returns its
-    hidden state [R, D]. Positions are cumsum(mask) − 1, as in the full forward, so padding
-    shifts nothing; attention is the decoder's (plain ops, finite fill, softmax in ≥ fp32).
-    """
-
-    def __init__(self, model: FunctionalModel, lora: Mapping[str, Tensor]) -> None:
-        model.check_lora(lora)
-        self.decoder = model.decoder
-        keys = {internal: key for key, internal in model._internal.items()}
-        groups = {
-            "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
-            "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",)),
-        }  # fmt: skip
-        self.weights = []
-        with torch.no_grad():
-            for i, block in enumerate(self.decoder.layers):
-                self.weights.append({
-                    name: group_linear([getattr(getattr(block, parent), p) for p in projections],
-                                       [f"layers.{i}.{parent}.{p}" for p in projections], keys, lora)
-                    for name, (parent, projections) in groups.items()
-                })  # fmt: skip
-
-    def start(self, input_ids: Tensor, attention_mask: Tensor, capacity: int) -> Tensor:
-        """Prompts [R, P] (mask True on real tokens), cache room for `capacity` ≥ P tokens -> [R, D]."""
-        cfg, rows = self.decoder.cfg, input_ids.shape[0]
-        dtype, device = self.decoder.embed_tokens.dtype, input_ids.device
-        shape = (rows, cfg.num_kv_heads, capacity, cfg.head_dim)
-        empty = lambda: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
-        self.cache = [(empty(), empty()) for _ in self.weights]  # (keys, values) per layer
-        self.key_valid = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
-        self.length = 0
-        self.next_position = attention_mask.long().sum(-1)  # [R]
-        return self._forward(input_ids, positions_from_mask(attention_mask), attention_mask)[:, -1]
-
-    def step(self, tokens: Tensor) -> Tensor:
-        """Append tokens [R] at each row's next position -> hidden states [R, D]."""
-        ones = torch.ones_like(tokens, dtype=torch.bool)[:, None]
-        hidden = self._forward(tokens[:, None], self.next_position[:, None], ones)[:, -1]
-        self.next_position = self.next_position + 1
-        return hidden
-
-    @torch.no_grad()
-    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        """ids, positions, mask [R, t] appended after the cached tokens -> hidden [R, t, D]."""
-        dec, t = self.decoder, ids.shape[1]
-        start, stop = self.length, self.length + t
-        if stop > self.key_valid.shape[1]:
-            raise ValueError(f"the KV cache holds {self.key_valid.shape[1]} tokens; {stop} requested")
-        self.key_valid[:, start:stop] = mask
-        causal = torch.ones(t, stop, dtype=torch.bool, device=ids.device).tril(diagonal=start)
-        allowed = (causal & self.key_valid[:, None, :stop])[:, None, None]  # [R, 1, 1, t, stop]
-        x = F.embedding(ids, dec.embed_tokens)
-        cos, sin = rotary_cos_sin(positions, dec.inv_freq, dec.attention_scaling, x.dtype)
-        for block, weights, (k_cache, v_cache) in zip(dec.layers, self.weights, self.cache, strict=True):
-            a = self._attention(block.self_attn, weights, block.input_layernorm(x), cos, sin, allowed,
-                                k_cache, v_cache, start, stop)  # fmt: skip
-            x = x + weights["o"](a)
-            gate, up = weights["gate_up"](block.post_attention_layernorm(x)).chunk(2, dim=-1)
-            x = x + weights["down"](F.silu(gate) * up)
-        self.length = stop
-        return dec.norm(x)
-
-    @staticmethod
-    def _attention(attn, weights, h, cos, sin, allowed, k_cache, v_cache, start, stop) -> Tensor:
-        """decoder.Attention on the new rows h [R, t, D] against the cached keys 0..stop."""
-        d, kh = attn.head_dim, attn.num_kv_heads
-        q, k, v = weights["qkv"](h).split([kh * attn.group * d, kh * d, kh * d], dim=-1)
-        q, k, v = (rearrange(p, "b t (h d) -> b h t d", d=d) for p in (q, k, v))
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_cache[:, :, start:stop], v_cache[:, :, start:stop] = k, v
-        q = rearrange(q, "b (k r) t d -> b k r t d", k=kh)
-        scores = torch.einsum("bkrtd,bksd->bkrts", q, k_cache[:, :, :stop]) * d**-0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(-1, dtype=torch.promote_types(h.dtype, torch.float32)).to(h.dtype)
-        out = torch.einsum("bkrts,bksd->bkrtd", probs, v_cache[:, :, :stop])
-        return rearrange(out, "b k r t d -> b t (k r d)")
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ import copy
 import torch
 from torch import nn
 
+from .model.adapter import module_path
 from .model.decoder import PROJECTIONS
 from .model.functional import FunctionalModel
 from .model.layers import LoRALinear
-from .model.loading import module_path
 
 
 def base_state_dict(model: FunctionalModel) -> dict[str, torch.Tensor]:

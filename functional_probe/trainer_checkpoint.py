@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from .optim_match import OptimizerState
 from .optim_step import AdamState
-from .optimizer_state import OptimizerState, adapter_shapes, load_file, read_checkpoint
+from .optimizer_state import adapter_shapes, load_file, read_checkpoint
 from .trl_config import TrainerLoss
 
 __all__ = ["TrainerCheckpoint", "read_trainer_checkpoint", "read_training_args"]

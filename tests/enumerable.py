@@ -13,7 +13,8 @@ import math
 import torch
 
 import functional_probe as fp
-from functional_probe.model.loading import build_model, dense_or_nf4
+from functional_probe.model.base_weights import dense_or_nf4
+from functional_probe.model.loading import build_model
 from functional_probe.model.tiny import tiny_config, tiny_lora, tiny_state_dict
 
 VOCAB = 6

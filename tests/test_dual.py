@@ -9,9 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
 import functional_probe as fp
+from functional_probe.model.adapter import LoraSpec
+from functional_probe.model.base_weights import dense_or_nf4
 from functional_probe.model.decoder import PROJECTIONS, DecoderConfig
 from functional_probe.model.dual import dual_hidden_states, head_logprobs_tangent
-from functional_probe.model.loading import LoraSpec, build_model, dense_or_nf4
+from functional_probe.model.loading import build_model
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}

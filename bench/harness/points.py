@@ -66,7 +66,8 @@ def bench_config(size: str):
 def bench_model(size: str, quantize: str | None = None, seed: int = 0) -> FunctionalModel:
     """Random base weights (`tiny_state_dict`; a tied head shares the head's scale) with LoRA
     r=8, alpha=16 on all 7 projections, both factors non-zero; base fp32 or NF4."""
-    from functional_probe.model.loading import build_model, dense_or_nf4
+    from functional_probe.model.base_weights import dense_or_nf4
+    from functional_probe.model.loading import build_model
     from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 
     config = bench_config(size)

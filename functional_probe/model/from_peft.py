@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from ..nf4 import NF4Linear
+from .adapter import LoraSpec, check_lora_config
 from .functional import FunctionalModel
 from .layers import DenseLinear
-from .loading import LoraSpec, build_model, check_lora_config, resolve_dtype
+from .loading import build_model, resolve_dtype
 
 WRAPPER_ATTRIBUTES = ("module", "_orig_mod")  # DDP / FSDP-style wrappers; torch.compile
 

@@ -7,18 +7,11 @@ import math
 import torch
 from torch import Tensor
 
+from .adapter import LoraSpec, linear_shapes, module_path
+from .base_weights import dense_or_nf4
 from .decoder import PROJECTIONS, DecoderConfig
 from .functional import FunctionalModel
-from .loading import (
-    LoraSpec,
-    adapter_dtype,
-    build_model,
-    dense_or_nf4,
-    linear_shapes,
-    module_path,
-    resolve_device,
-    resolve_dtype,
-)  # fmt: skip
+from .loading import adapter_dtype, build_model, resolve_device, resolve_dtype
 
 TINY_RANK = 4
 TINY_ALPHA = 8.0
