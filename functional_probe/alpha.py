@@ -72,20 +72,22 @@ def alpha_projections(
     method: str = "vjp",
     microbatch: int | None = None,
     temperature: float = 1.0,
+    x_estimator: str = "loo",
 ) -> Tensor:
     """s [N] with s_n = <∇θ L[n], direction>, L the per-prompt X or Y loss (weighting: X only).
 
     Float dtype of the losses (≥ fp32). `direction` may have any float dtype and device: it is
     cast to the LoRA dict's (dtype, device) per key. `microbatch` bounds the prompts per pass
-    (for "vmap", the vmap chunk size).
+    (for "vmap", the vmap chunk size). `x_estimator` ("loo" | "rb"): the X loss; the dual
+    forward carries no entropy tangent, so "jvp" with "rb" runs as "func_jvp" (same s).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}; expected one of {METHODS}")
-    check_loss_args(loss, weighting)
+    check_loss_args(loss, weighting, x_estimator)
     model.check_lora(lora)
     direction = check_direction(lora, direction)
     temperature = check_temperature(temperature)
-    kw = dict(loss=loss, weighting=weighting, temperature=temperature)
+    kw = dict(loss=loss, weighting=weighting, temperature=temperature, x_estimator=x_estimator)
     if method == "vmap":
         per = per_sample_grads(model, lora, batch, chunk_size=microbatch, **kw)
         return sum(torch.einsum("n...,...->n", per[k], direction[k].to(per[k].dtype)) for k in per)
@@ -114,15 +116,15 @@ def projection_one(model, lora, batch, direction, **kw) -> Tensor:
     return dot(grad(lambda p: prompt_losses(model, p, batch, kernels=kernels, **kw)[0])(lora), direction)
 
 
-def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature) -> Tensor:
+def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature, x_estimator="loo") -> Tensor:
     """s = J v from the dual forward: (S, Ṡ) in one pass, then the loss's jvp in S
     (its leave-one-out coefficient is under stop-gradient, so it stays frozen). Under a torch.func
     transform or autograd tracking lora/direction the dual (no graph, unbatched) cannot serve, so
-    `projections_func_jvp` runs instead: the same s, composable."""
-    if not plain_call(lora, direction):
-        return projections_func_jvp(
-            model, lora, batch, direction, loss=loss, weighting=weighting, temperature=temperature
-        )
+    `projections_func_jvp` runs instead: the same s, composable. So it does for the "rb" X loss,
+    whose per-token entropies the dual does not carry."""
+    if not plain_call(lora, direction) or (loss == "x" and x_estimator == "rb"):
+        return projections_func_jvp(model, lora, batch, direction, loss=loss, weighting=weighting,
+                                    temperature=temperature, x_estimator=x_estimator)  # fmt: skip
     S, S_dot = sequence_logprobs_and_tangent(model, lora, direction, batch, temperature=temperature)
     if loss == "x":
         return jvp(lambda S: x_losses(S, batch, weighting=weighting), (S,), (S_dot,))[1]
@@ -162,6 +164,7 @@ def alpha_variance(
     microbatch: int | None = None,
     temperature: float = 1.0,
     distributed: bool | None = None,
+    x_estimator: str = "loo",
 ) -> AlphaVariance:
     """Projections of the X-loss gradients on `direction` and their statistics (see AlphaVariance).
 
@@ -178,7 +181,7 @@ def alpha_variance(
     """
     eta = check_step_size(eta, "alpha_variance: eta")
     kw = dict(model=model, direction=direction, method=method, weighting=weighting,
-              microbatch=microbatch, temperature=temperature)  # fmt: skip
+              microbatch=microbatch, temperature=temperature, x_estimator=x_estimator)  # fmt: skip
     if is_distributed(distributed, "alpha_variance"):
         with sharded("alpha_variance") as world:
             return sharded_alpha_variance(lora, batch, eta=eta, ranks=world, **kw)
