@@ -144,15 +144,13 @@ def mean_grad(
     each sums its shard, one float64 all_reduce gives Σ and N over all ranks, and every rank
     returns the same (1/N_global) Σ_global (P applied after the reduction). A global N of 0
     raises ValueError on every rank. `distributed=False`: this process's batch alone.
-    `x_estimator` ("loo" | "rb", X only; see `functional_probe.x_estimators`): "rb" takes no
-    `response_microbatch` (its loss is not linear in S).
+    `x_estimator`: "loo" | "rb" (X only, `functional_probe.x_estimators`; no response_microbatch).
     """
     model.check_lora(lora)
     check_microbatch(response_microbatch, "response_microbatch")
     check_loss_args(loss, weighting, x_estimator)
     if x_estimator == "rb" and loss == "x" and response_microbatch is not None:
-        raise ValueError(f"response_microbatch={response_microbatch!r} needs x_estimator='loo'; "
-                         "the 'rb' X loss is not linear in S, so it takes all G responses at once")  # fmt: skip
+        raise ValueError(f"response_microbatch={response_microbatch!r} needs x_estimator='loo' (rb is not linear in S)")
     kw = dict(loss=loss, weighting=weighting, microbatch=microbatch, temperature=temperature,
               response_microbatch=response_microbatch, x_estimator=x_estimator)  # fmt: skip
     if is_distributed(distributed, "mean_grad"):
@@ -171,12 +169,11 @@ def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, t
     """Σ_n ∇θ L[n] over `batch` (zeros for None), in at least fp32, one grad per microbatch
     (of prompts, and of responses when `response_microbatch` < G)."""
     total = zero_sums(lora)
-    kw = dict(loss=loss, weighting=weighting, temperature=temperature)
+    kw = dict(loss=loss, weighting=weighting, temperature=temperature, x_estimator=x_estimator)
     for mb in [] if batch is None else microbatches(batch, microbatch):
         if response_microbatch is None or response_microbatch >= mb.group_size:
             kernels = reverse_kernels(mb)
-            loss_sum = lambda p, mb=mb, k=kernels: prompt_losses(  # noqa: E731
-                model, p, mb, kernels=k, x_estimator=x_estimator, **kw).sum()  # fmt: skip
+            loss_sum = lambda p, mb=mb, k=kernels: prompt_losses(model, p, mb, kernels=k, **kw).sum()  # noqa: E731
             parts = [grad(loss_sum)(lora)]
         else:
             parts = response_split_grads(model, lora, mb, size=response_microbatch, **kw)
@@ -186,7 +183,7 @@ def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, t
     return total
 
 
-def response_split_grads(model, lora, batch: Batch, *, size: int, loss, weighting, temperature) -> list[Dict]:
+def response_split_grads(model, lora, batch: Batch, *, size: int, loss, weighting, temperature, **_) -> list[Dict]:
     """∇θ Σ_n L[n] in pieces, one per chunk of at most `size` responses of every prompt.
 
     Σ_n L[n] = Σ_{n,g} c[n,g]·S[n,g] with c = ∂ΣL/∂S constant in θ (X: −stopgrad(w − b)/G;
