@@ -52,6 +52,10 @@ _EXPORTS = {
     "NextStep": "optim_step",
     "next_step": "optim_step",
     "TrainerLoss": "trl_config",
+    "EntropyCheck": "entropy_check",
+    "entropy_check": "entropy_check",
+    "loglog_fit": "entropy_check",
+    "first_order_check": "first_order",
     "TrainerProbe": "trl_probe",
     "trainer_probe": "trl_probe",
     "trainer_grad": "trl_loss",
@@ -73,6 +77,8 @@ _EXPORTS = {
     "sample": "sampling",
     "Rollouts": "rollouts",
     "read_rollouts": "rollouts",
+    "read_trainer_checkpoint": "trainer_checkpoint",
+    "TrainerCheckpoint": "trainer_checkpoint",
     "write_rollouts": "rollouts",
 }
 

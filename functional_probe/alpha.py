@@ -31,12 +31,13 @@ from .distributed import (
 )  # fmt: skip
 from .grads import (
     check_loss_args,
+    check_microbatch,
     dot,
+    grad_sum,
     microbatches,
     per_sample_grads,
     prompt_losses,
     require_batch,
-    reverse_kernels,
 )  # fmt: skip
 from .logprobs import check_temperature, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
@@ -45,6 +46,7 @@ from .model.fast_primal import plain_call
 from .model.functional import check_same_keys_and_shapes
 from .stats import Moments, moments
 from .validation import check_step_size
+from .x_estimators import check_rb_split
 
 METHODS = ("vjp", "jvp", "func_jvp", "vmap", "loop")
 
@@ -61,6 +63,15 @@ def check_direction(lora: Mapping[str, Tensor], direction: Mapping[str, Tensor])
     return {k: direction[k].to(device=v.device, dtype=v.dtype) for k, v in lora.items()}
 
 
+def check_response_microbatch(method: str, size: int | None) -> None:
+    """ValueError for an unknown method, a bad size, or a size with "vjp"/"vmap" (no split there)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {METHODS}")
+    check_microbatch(size, "response_microbatch")
+    if size is not None and method in ("vjp", "vmap"):
+        raise ValueError(f"response_microbatch={size} is not supported by method={method!r}; use 'loop' or 'jvp'")
+
+
 def alpha_projections(
     model: FunctionalModel,
     lora: Mapping[str, Tensor],
@@ -71,6 +82,7 @@ def alpha_projections(
     weighting: str = "dr_grpo",
     method: str = "vjp",
     microbatch: int | None = None,
+    response_microbatch: int | None = None,
     temperature: float = 1.0,
     x_estimator: str = "loo",
 ) -> Tensor:
@@ -78,12 +90,15 @@ def alpha_projections(
 
     Float dtype of the losses (≥ fp32). `direction` may have any float dtype and device: it is
     cast to the LoRA dict's (dtype, device) per key. `microbatch` bounds the prompts per pass
-    (for "vmap", the vmap chunk size). `x_estimator` ("loo" | "rb"): the X loss; the dual
-    forward carries no entropy tangent, so "jvp" with "rb" runs as "func_jvp" (same s).
+    (for "vmap", the vmap chunk size). `response_microbatch` splits each prompt's G responses
+    over reverse passes of at most that many (as in `mean_grad`) for method="loop"; the forward
+    modes "jvp" and "func_jvp" keep no activations for a backward and ignore it.
+    `x_estimator` ("loo" | "rb"): the X loss; the dual forward carries no entropy tangent, so
+    "jvp" with "rb" runs as "func_jvp" (same s); "rb" takes no response_microbatch.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}; expected one of {METHODS}")
+    check_response_microbatch(method, response_microbatch)
     check_loss_args(loss, weighting, x_estimator)
+    check_rb_split(loss, x_estimator, response_microbatch)
     model.check_lora(lora)
     direction = check_direction(lora, direction)
     temperature = check_temperature(temperature)
@@ -93,7 +108,7 @@ def alpha_projections(
         return sum(torch.einsum("n...,...->n", per[k], direction[k].to(per[k].dtype)) for k in per)
     if method == "loop":
         return torch.stack(
-            [projection_one(model, lora, batch[n], direction, **kw) for n in range(len(batch))]
+            [projection_one(model, lora, batch[n], direction, response_microbatch, **kw) for n in range(len(batch))]
         )
     project = {"vjp": projections_vjp, "func_jvp": projections_func_jvp, "jvp": projections_dual}[method]
     return torch.cat([project(model, lora, mb, direction, **kw) for mb in microbatches(batch, microbatch)])
@@ -110,10 +125,10 @@ def projections_func_jvp(model, lora, batch, direction, **kw) -> Tensor:
     return jvp(lambda p: prompt_losses(model, p, batch, **kw), (dict(lora),), (dict(direction),))[1]
 
 
-def projection_one(model, lora, batch, direction, **kw) -> Tensor:
-    """<∇θ L[0], v> for a one-prompt batch: the reference, one first-order reverse pass."""
-    kernels = reverse_kernels(batch)
-    return dot(grad(lambda p: prompt_losses(model, p, batch, kernels=kernels, **kw)[0])(lora), direction)
+def projection_one(model, lora, batch, direction, response_microbatch, **kw) -> Tensor:
+    """<∇θ L[0], v> for a one-prompt batch: the reference, first-order reverse passes (one per
+    chunk of `response_microbatch` responses; None: one)."""
+    return dot(grad_sum(model, lora, batch, microbatch=None, response_microbatch=response_microbatch, **kw), direction)
 
 
 def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature, x_estimator="loo") -> Tensor:
@@ -162,6 +177,7 @@ def alpha_variance(
     method: str = "jvp",
     weighting: str = "dr_grpo",
     microbatch: int | None = None,
+    response_microbatch: int | None = None,
     temperature: float = 1.0,
     distributed: bool | None = None,
     x_estimator: str = "loo",
@@ -181,7 +197,9 @@ def alpha_variance(
     """
     eta = check_step_size(eta, "alpha_variance: eta")
     kw = dict(model=model, direction=direction, method=method, weighting=weighting,
-              microbatch=microbatch, temperature=temperature, x_estimator=x_estimator)  # fmt: skip
+              microbatch=microbatch, response_microbatch=response_microbatch, temperature=temperature,
+              x_estimator=x_estimator)  # fmt: skip
+    check_response_microbatch(method, response_microbatch)
     if is_distributed(distributed, "alpha_variance"):
         with sharded("alpha_variance") as world:
             return sharded_alpha_variance(lora, batch, eta=eta, ranks=world, **kw)

@@ -23,7 +23,7 @@ from .logprobs import check_temperature, grouped_logprobs, prepared
 from .losses import WEIGHTINGS, x_loss_values, y_loss_values
 from .model import FunctionalModel
 from .model.kernels import PLAIN, Kernels, first_order_kernels
-from .x_estimators import check_x_estimator, grouped_token_terms, rb_loss_values
+from .x_estimators import check_rb_split, check_x_estimator, grouped_token_terms, rb_loss_values
 
 LOSSES = ("x", "y")
 Dict = dict[str, Tensor]
@@ -149,8 +149,7 @@ def mean_grad(
     model.check_lora(lora)
     check_microbatch(response_microbatch, "response_microbatch")
     check_loss_args(loss, weighting, x_estimator)
-    if x_estimator == "rb" and loss == "x" and response_microbatch is not None:
-        raise ValueError(f"response_microbatch={response_microbatch!r} needs x_estimator='loo' (rb is not linear in S)")
+    check_rb_split(loss, x_estimator, response_microbatch)
     kw = dict(loss=loss, weighting=weighting, microbatch=microbatch, temperature=temperature,
               response_microbatch=response_microbatch, x_estimator=x_estimator)  # fmt: skip
     if is_distributed(distributed, "mean_grad"):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .alpha import shard_projections
+from .alpha import check_response_microbatch, shard_projections
 from .batch import Batch
 from .distributed import (
     agree,
@@ -141,6 +141,7 @@ def probe(
     method: str = "jvp",
     weighting: str = "dr_grpo",
     microbatch: int | None = None,
+    response_microbatch: int | None = None,
     temperature: float = 1.0,
     progress: Callable[[str], None] | None = None,
     distributed: bool | None = None,
@@ -167,7 +168,8 @@ def probe(
     V_X = Σ(s_n − s̄)²/(B_E(B_E−1)); V_Y likewise from t. C_XY ≠ 0 only when E and U share prompts
     (compared by token ids). `se_conditional` = η·sqrt(V_X), the SE given U. `progress(phase)` is
     called before each of the four phases. The optimizer state is matched to `lora` (names and
-    shapes) before any gradient is computed.
+    shapes) before any gradient is computed. `response_microbatch` splits each prompt's responses
+    over the reverse passes of μX, g_U and method="loop" (see `mean_grad`); "jvp" needs no split.
 
     `distributed=True` (under a process group; every rank must call, else a ValueError naming
     the missing ranks after the rendezvous timeout): E and U are this rank's shards (`None`:
@@ -176,7 +178,9 @@ def probe(
     """
     stepper = step_of(lora, preconditioner=preconditioner, eta=eta, optimizer=optimizer,
                       named_params=named_params, max_grad_norm=max_grad_norm, lr=lr, step=step, v_y=v_y)  # fmt: skip
-    kw = dict(method=method, weighting=weighting, microbatch=microbatch, temperature=temperature)
+    check_response_microbatch(method, response_microbatch)
+    kw = dict(method=method, weighting=weighting, microbatch=microbatch, response_microbatch=response_microbatch,
+              temperature=temperature)  # fmt: skip
     if is_distributed(distributed, "probe"):
         with sharded("probe"):
             return sharded_probe(model, lora, E, U, stepper=stepper, progress=progress, **kw)

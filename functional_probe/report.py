@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .entropy_check import EntropyCheck
 from .first_order import TOLERANCE, FirstOrderCheck, FirstOrderPoint
 from .probe import ProbeResult
 
@@ -207,6 +208,39 @@ def plot_first_order(check: FirstOrderCheck, path: Path,
     ax.set_xlabel("step size η (θ → θ + η·μY)")
     ax.set_ylabel("|change of the per-token entropy rate| (nats/token)")
     ax.set_title("Where the first-order prediction holds (the curves coincide)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_entropy_check(check: EntropyCheck, path: Path) -> None:
+    """Predicted δH₁(s), δH₁(s) + δH₂(s) and the realized ΔH(s) per estimator against the scale s of
+    the step (log-log, |value| with ±SE bars; ▲ > 0, ▽ < 0), the probed step s = 1 and the edge of
+    the first-order range s* marked, the fit's slope and R² in the legend. Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = [p.scale for p in check.points]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plot_change(ax, s, [p.predicted for p in check.points], "predicted δH₁(s) = s·δH₁", "C0")
+    plot_change(ax, s, [p.predicted_2 for p in check.points], "predicted δH₁ + δH₂", "C4")
+    for i, e in enumerate(check.estimators):
+        values, ses = [p.realized[e] for p in check.points], [p.realized_se[e] for p in check.points]
+        fit = "" if check.slope[e] is None else f": slope {check.slope[e]:.2f}, R² {check.r2[e]:.3f}"
+        plot_change(ax, s, values, f"realized ΔH(s), {e}{fit}", f"C{i + 1}")
+        ax.errorbar(s, [abs(v) for v in values], yerr=ses, fmt="none", ecolor=f"C{i + 1}", lw=0.8)
+    ax.axvline(check.probed_scale, color="k", ls="--", lw=0.8, label="the probed step (s = 1)")
+    if check.s_star is not None:
+        ax.axvline(check.s_star, color="gray", ls=":", lw=1,
+                   label=f"s* = {check.s_star:.3g}: |δH₂| = {check.fraction:g}·|δH₁|")  # fmt: skip
+    ax.plot([], [], "k^", label="change > 0 (entropy up)")
+    ax.plot([], [], "kv", mfc="white", label="change < 0 (entropy down)")
+    ax.set_xlabel("scale s of the step (θ → θ + s·Δθ)")
+    ax.set_ylabel("|change of the per-token entropy rate| (nats/token)")
+    ax.set_title("Does δH₁ come true? (on the line where the curves coincide)", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

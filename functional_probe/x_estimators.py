@@ -44,6 +44,13 @@ def check_x_estimator(x_estimator: str, weighting: str = "dr_grpo") -> None:
                          "the per-token entropy sum has the fixed denominator Lmax only")  # fmt: skip
 
 
+def check_rb_split(loss: str, x_estimator: str, response_microbatch: int | None) -> None:
+    """The "rb" X loss is not linear in S, so its responses cannot be split over reverse passes."""
+    if loss == "x" and x_estimator == "rb" and response_microbatch is not None:
+        raise ValueError(f"response_microbatch={response_microbatch!r} needs x_estimator='loo' "
+                         "(the 'rb' X loss is not linear in S; it takes a prompt's G responses at once)")  # fmt: skip
+
+
 class _ChunkedEntropy(torch.autograd.Function):
     """(log π(y), H) per row from hidden [M, D], head W [V, D]; backward recomputes each chunk.
 

@@ -157,3 +157,29 @@ def test_unknown_method_raises(tiny_nf4, rollouts):
         fp.alpha_projections(
             tiny_nf4, tiny_nf4.lora, fp.make_batch(*rollouts[:2]), tiny_nf4.lora, method="fast"
         )
+
+
+@pytest.mark.parametrize("loss,weighting", [("x", "dr_grpo"), ("y", "dr_grpo")])
+def test_loop_with_split_responses_equals_peft(tiny_fp32, rollouts, loss, weighting):
+    batch = fp.make_batch(rollouts[0], rollouts[1], advantages=rollouts[2])
+    d = random_direction(tiny_fp32.lora, seed=4)
+    ref = reference_s(tiny_fp32, rollouts, d, loss, weighting)
+    for size in (1, 2):
+        s = fp.alpha_projections(tiny_fp32, tiny_fp32.lora, batch, d, loss=loss, method="loop", response_microbatch=size)
+        assert proj_rel_err(s, ref) <= 1e-5, size
+
+
+def test_alpha_variance_passes_response_microbatch(tiny_fp32, rollouts):
+    batch = fp.make_batch(rollouts[0], rollouts[1], advantages=rollouts[2])
+    d = random_direction(tiny_fp32.lora, seed=5)
+    ref = reference_s(tiny_fp32, rollouts, d, "x", "dr_grpo")
+    av = fp.alpha_variance(tiny_fp32.lora, batch, model=tiny_fp32, direction=d, method="loop", response_microbatch=1)
+    assert proj_rel_err(av.s, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("method,size", [("vjp", 2), ("vmap", 1), ("loop", 0)])
+def test_unsupported_response_microbatch_raises(tiny_fp32, rollouts, method, size):
+    batch = fp.make_batch(rollouts[0], rollouts[1], advantages=rollouts[2])
+    d = random_direction(tiny_fp32.lora, seed=5)
+    with pytest.raises(ValueError, match="response_microbatch="):
+        fp.alpha_projections(tiny_fp32, tiny_fp32.lora, batch, d, method=method, response_microbatch=size)

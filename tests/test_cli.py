@@ -172,6 +172,10 @@ def test_bad_lr_exits_2_before_the_model_loads(saved_run, tmp_path, capsys, no_m
     assert_usage_error(run_args(saved_run, tmp_path, **{"--lr": lr}), capsys, needle)
 
 
+def test_run_without_an_update_file_exits_2(saved_run, tmp_path, capsys, no_model_load):
+    assert_usage_error(run_args(saved_run, tmp_path, **{"--update": None}), capsys, "run needs --update U.jsonl")
+
+
 def test_update_file_without_advantages_exits_2(saved_run, tmp_path, capsys, no_model_load):
     U = read_rollouts(saved_run[2] / "U.jsonl")
     write_rollouts(tmp_path / "U.jsonl", Rollouts(U.prompts, U.responses, U.advantages, has_advantages=False))

@@ -58,6 +58,19 @@ def test_rewards_are_centred_not_scaled(tmp_path: Path) -> None:
     assert r.advantages[1] == [0.0, 0.0, 0.0]  # zero-variance group: no division by std
     assert r.advantages[2] == [1.0, 0.0, 0.5]  # advantages are taken as given
     assert r.max_lengths is None and r.group_size == 3 and len(r) == 3
+    assert r.rewards is None  # one line gave advantages: no raw rewards for the whole file
+
+
+def test_raw_rewards_are_kept_when_every_line_gives_them(tmp_path: Path) -> None:
+    lines = [{"prompt": [1], "responses": [[2], [3]], "rewards": [1.0, 0.25]},
+             {"prompt": [4], "responses": [[5], [6]], "rewards": [3, -1]}]  # fmt: skip
+    r = read_rollouts(write_lines(tmp_path / "r.jsonl", lines))
+    assert r.rewards == [[1.0, 0.25], [3, -1]] and r.advantages[1] == [2.0, -2.0]
+    write_rollouts(tmp_path / "again.jsonl", r)
+    again = read_rollouts(tmp_path / "again.jsonl")
+    assert again.rewards == r.rewards and again.advantages == r.advantages
+    with pytest.raises(ValueError, match="got 1 reward rows for 2 prompts"):
+        Rollouts(r.prompts, r.responses, r.advantages, rewards=r.rewards[:1])
 
 
 def test_blank_lines_and_partial_max_length(tmp_path: Path) -> None:

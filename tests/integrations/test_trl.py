@@ -43,7 +43,7 @@ def whole_rel_err(a: dict, b: dict) -> float:
 
 
 def train(loss_type: str, *, steps: int = 2, ga: int = 2, max_grad_norm: float = 1.0, dtype=torch.float64,
-          **config):
+          model=None, **config):
     """A GRPOTrainer run with the callback and the recorder, on a float64 model by default.
 
     Steps are compared as whole dicts (‖Δθ_pred − Δθ‖/‖Δθ‖), not tensor by tensor: near the first
@@ -63,7 +63,7 @@ def train(loss_type: str, *, steps: int = 2, ga: int = 2, max_grad_norm: float =
     recorder = Recorder()
     prompts = ["t5 t6 t7", "t8 t9", "t10 t11 t12 t13", "t14"] * 4
     trainer = trl.GRPOTrainer(
-        model=peft_llama().to(dtype), reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions], args=args,
+        model=peft_llama().to(dtype) if model is None else model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions], args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer(), callbacks=[recorder],
     )  # fmt: skip
     probe = EntropyProbeCallback(every=1, eval_generations=2).attach(trainer)
@@ -125,3 +125,20 @@ def test_bf16_model_runs_and_says_how_close_it_is():
     (h,) = probe.history
     assert all(math.isfinite(v) for v in h.logs.values())
     assert 0 < h.logs["grad_rel_err"] < 0.1
+
+
+def test_4bit_base_inside_the_trainer(saved_tiny):
+    """QLoRA: the tiny base loaded NF4 by transformers + bitsandbytes (test_from_peft's builder). TRL
+    casts the LoRA factors of a quantized model to bf16 (its QLoRA recipe), so the trainer's p.grad
+    is stored in bf16: the probe's gradient (same packed bytes, the same bf16 factors) matches it to
+    bf16 rounding, 2^-8 = 3.9e-3 relative (measured 3.0e-3), and the logged values are finite."""
+    import math
+
+    from test_from_peft import nf4_peft
+
+    trainer, probe, rec = train("dapo", steps=1, model=nf4_peft(saved_tiny[0]))
+    (h,) = probe.history
+    assert {v.dtype for v in rec.grads[0].values()} == {torch.bfloat16}
+    assert_not_trivial(rec.grads[0])
+    assert dict_rel_err({k: h.probe.result.clip_coef * v for k, v in h.probe.grad.items()}, rec.grads[0]) < 1e-2
+    assert all(math.isfinite(v) for v in h.logs.values())

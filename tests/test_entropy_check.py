@@ -1,0 +1,100 @@
+"""entropy_check: predicted against realized entropy change, held against exact enumeration (a model
+small enough to list every response), and the log-log fit against closed forms."""
+
+import math
+
+import pytest
+from enumerable import EOS, LENGTH, PROMPTS, draw_from_exact, exact_entropy, exact_logprobs, shifted, z_score
+
+import functional_probe as fp
+from functional_probe.entropy_check import entropy_check, loglog_fit
+
+SCALES = [0.25, 0.5, 1.0, 1.5]  # s* ≈ 1.1 with fraction 0.5: the last point lies past it
+
+
+def test_loglog_fit_recovers_a_power_law_and_scores_noise():
+    x = [1e-3, 3e-3, 1e-2, 3e-2]
+    slope, r2 = loglog_fit(x, [3 * v**1.5 for v in x])
+    assert slope == pytest.approx(1.5, rel=1e-12) and r2 == pytest.approx(1.0, abs=1e-12)
+    _, r2_noisy = loglog_fit(x, [v * f for v, f in zip(x, [1.0, 2.0, 0.5, 1.5], strict=True)])
+    assert r2_noisy < 0.99
+    with pytest.raises(ValueError, match="at least 3 points"):
+        loglog_fit([1.0, 2.0], [1.0, 2.0])
+
+
+@pytest.fixture(scope="module")
+def checked(enumerable_setup):
+    model, lora, step = enumerable_setup
+    prompts = PROMPTS * 8
+    responses, S = exact_logprobs(model, lora, prompts, LENGTH, EOS)
+    E = fp.make_batch(prompts, draw_from_exact(responses, S, 64, seed=5), max_lengths=[LENGTH] * len(prompts))
+    check = entropy_check(model, lora, step, E, SCALES, fraction=0.5, samples_per_prompt=512, seed=6, eos_token_id=EOS,
+                          max_new_tokens=LENGTH)  # fmt: skip
+    h0 = exact_entropy(model, lora, prompts, LENGTH, EOS).mean()
+    exact = [float(exact_entropy(model, shifted(lora, step, s), prompts, LENGTH, EOS).mean() - h0) for s in SCALES]
+    h = 1e-4
+    d1 = float(exact_entropy(model, shifted(lora, step, h), prompts, LENGTH, EOS).mean()
+               - exact_entropy(model, shifted(lora, step, -h), prompts, LENGTH, EOS).mean()) / (2 * h)  # fmt: skip
+    return check, exact, d1
+
+
+def test_realized_and_predicted_changes_match_enumeration(checked):
+    check, exact, d1 = checked
+    assert abs(d1) > 1e-3
+    assert z_score(check.delta_h1, check.delta_h1_se, d1) < 4
+    for p, ex in zip(check.points, exact, strict=True):
+        for e in check.estimators:
+            assert z_score(p.realized[e], p.realized_se[e], ex) < 4, (e, p.scale, p.realized[e], ex)
+        assert z_score(p.predicted_2, p.predicted_2_se, ex) < 4  # δH₁ + δH₂ tracks the exact change
+
+
+def test_fit_slope_is_that_of_the_exact_changes(checked):
+    """Over the fitted scales (resolved, s ≤ s*), the slope of the estimated realized changes equals
+    the slope of the exact ones within the noise of 3–4 points resolved at ≥ 2 SE (0.25), and the
+    exact slope is ≈ 1 there (first order holds); the point past s* is left out of the fit."""
+    check, exact, _ = checked
+    used = check.fit_scales["rb"]
+    assert len(used) >= 3 and check.r2["rb"] > 0.9 and 1.5 not in used and check.s_star < 1.5
+    ex = [x for s, x in zip(SCALES, exact, strict=True) if s in used]
+    exact_slope, _ = loglog_fit(used, ex)
+    assert check.slope["rb"] == pytest.approx(exact_slope, abs=0.25)
+    assert abs(exact_slope - 1) < 0.2
+    assert set(check.to_dict()) >= {"points", "slope", "r2", "fit_scales", "s_star"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scales=[0.1, -1.0]), "scale -1.0"), (dict(scales=[math.nan]), "scale nan"),
+    (dict(delta_h1=0.1), "give both delta_h1 and delta_h1_se"),
+    (dict(delta_h1=math.nan, delta_h1_se=0.1), "delta_h1=nan"),
+    (dict(estimators=["exact"]), "estimators=\\['exact'\\]"),
+])  # fmt: skip
+def test_bad_arguments_raise_naming_them(enumerable_setup, kwargs, match):
+    model, lora, step = enumerable_setup
+    E = fp.make_batch(PROMPTS[:2], [[[1, 2], [3, 2]]] * 2)
+    kw = dict(scales=[0.1]) | kwargs
+    with pytest.raises(ValueError, match=match):
+        entropy_check(model, lora, step, E, kw.pop("scales"), **kw)
+
+
+def test_plot_marks_the_probed_step_and_the_first_order_edge(checked, tmp_path):
+    """The figure carries every series, the probed step and s* (read back from the axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from functional_probe.report import plot_entropy_check
+
+    check, _, _ = checked
+    figures = []
+    real_close = plt.close
+    plt.close = lambda fig=None: figures.append(fig)  # keep the figure to read it
+    try:
+        plot_entropy_check(check, tmp_path / "check.png")
+    finally:
+        plt.close = real_close
+    assert (tmp_path / "check.png").stat().st_size > 10_000
+    labels = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert any(label.startswith("realized ΔH(s), rb: slope") for label in labels)
+    assert "the probed step (s = 1)" in labels and any(label.startswith("s* = ") for label in labels)
+    real_close(figures[0])
