@@ -46,6 +46,7 @@ from .model.fast_primal import plain_call
 from .model.functional import check_same_keys_and_shapes
 from .stats import Moments, moments
 from .validation import check_step_size
+from .x_estimators import check_rb_split
 
 METHODS = ("vjp", "jvp", "func_jvp", "vmap", "loop")
 
@@ -83,6 +84,7 @@ def alpha_projections(
     microbatch: int | None = None,
     response_microbatch: int | None = None,
     temperature: float = 1.0,
+    x_estimator: str = "loo",
 ) -> Tensor:
     """s [N] with s_n = <∇θ L[n], direction>, L the per-prompt X or Y loss (weighting: X only).
 
@@ -91,13 +93,16 @@ def alpha_projections(
     (for "vmap", the vmap chunk size). `response_microbatch` splits each prompt's G responses
     over reverse passes of at most that many (as in `mean_grad`) for method="loop"; the forward
     modes "jvp" and "func_jvp" keep no activations for a backward and ignore it.
+    `x_estimator` ("loo" | "rb"): the X loss; the dual forward carries no entropy tangent, so
+    "jvp" with "rb" runs as "func_jvp" (same s); "rb" takes no response_microbatch.
     """
     check_response_microbatch(method, response_microbatch)
-    check_loss_args(loss, weighting)
+    check_loss_args(loss, weighting, x_estimator)
+    check_rb_split(loss, x_estimator, response_microbatch)
     model.check_lora(lora)
     direction = check_direction(lora, direction)
     temperature = check_temperature(temperature)
-    kw = dict(loss=loss, weighting=weighting, temperature=temperature)
+    kw = dict(loss=loss, weighting=weighting, temperature=temperature, x_estimator=x_estimator)
     if method == "vmap":
         per = per_sample_grads(model, lora, batch, chunk_size=microbatch, **kw)
         return sum(torch.einsum("n...,...->n", per[k], direction[k].to(per[k].dtype)) for k in per)
@@ -126,15 +131,15 @@ def projection_one(model, lora, batch, direction, response_microbatch, **kw) -> 
     return dot(grad_sum(model, lora, batch, microbatch=None, response_microbatch=response_microbatch, **kw), direction)
 
 
-def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature) -> Tensor:
+def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature, x_estimator="loo") -> Tensor:
     """s = J v from the dual forward: (S, Ṡ) in one pass, then the loss's jvp in S
     (its leave-one-out coefficient is under stop-gradient, so it stays frozen). Under a torch.func
     transform or autograd tracking lora/direction the dual (no graph, unbatched) cannot serve, so
-    `projections_func_jvp` runs instead: the same s, composable."""
-    if not plain_call(lora, direction):
-        return projections_func_jvp(
-            model, lora, batch, direction, loss=loss, weighting=weighting, temperature=temperature
-        )
+    `projections_func_jvp` runs instead: the same s, composable. So it does for the "rb" X loss,
+    whose per-token entropies the dual does not carry."""
+    if not plain_call(lora, direction) or (loss == "x" and x_estimator == "rb"):
+        return projections_func_jvp(model, lora, batch, direction, loss=loss, weighting=weighting,
+                                    temperature=temperature, x_estimator=x_estimator)  # fmt: skip
     S, S_dot = sequence_logprobs_and_tangent(model, lora, direction, batch, temperature=temperature)
     if loss == "x":
         return jvp(lambda S: x_losses(S, batch, weighting=weighting), (S,), (S_dot,))[1]
@@ -175,6 +180,7 @@ def alpha_variance(
     response_microbatch: int | None = None,
     temperature: float = 1.0,
     distributed: bool | None = None,
+    x_estimator: str = "loo",
 ) -> AlphaVariance:
     """Projections of the X-loss gradients on `direction` and their statistics (see AlphaVariance).
 
@@ -191,7 +197,8 @@ def alpha_variance(
     """
     eta = check_step_size(eta, "alpha_variance: eta")
     kw = dict(model=model, direction=direction, method=method, weighting=weighting,
-              microbatch=microbatch, response_microbatch=response_microbatch, temperature=temperature)  # fmt: skip
+              microbatch=microbatch, response_microbatch=response_microbatch, temperature=temperature,
+              x_estimator=x_estimator)  # fmt: skip
     check_response_microbatch(method, response_microbatch)
     if is_distributed(distributed, "alpha_variance"):
         with sharded("alpha_variance") as world:

@@ -23,16 +23,18 @@ from .logprobs import check_temperature, grouped_logprobs, prepared
 from .losses import WEIGHTINGS, x_loss_values, y_loss_values
 from .model import FunctionalModel
 from .model.kernels import PLAIN, Kernels, first_order_kernels
+from .x_estimators import check_rb_split, check_x_estimator, grouped_token_terms, rb_loss_values
 
 LOSSES = ("x", "y")
 Dict = dict[str, Tensor]
 
 
-def check_loss_args(loss: str, weighting: str) -> None:
+def check_loss_args(loss: str, weighting: str, x_estimator: str = "loo") -> None:
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; expected 'x' (entropy surrogate) or 'y' (policy gradient)")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}; expected one of {WEIGHTINGS}")
+    check_x_estimator(x_estimator, weighting if loss == "x" else "dr_grpo")
 
 
 def reverse_kernels(batch: Batch, prompts: int | None = None) -> Kernels:
@@ -45,17 +47,21 @@ def reverse_kernels(batch: Batch, prompts: int | None = None) -> Kernels:
 
 def per_prompt_loss_fn(
     model: FunctionalModel, batch: Batch, *, loss: str, weighting: str, temperature: float,
-    kernels: Kernels = PLAIN,
+    kernels: Kernels = PLAIN, x_estimator: str = "loo",
 ) -> Callable[..., Tensor]:  # fmt: skip
     """f(lora, ids, mask, pos, response, lmax, lengths, adv) -> [N] losses on [N, G, T] tensors.
 
     Written on plain tensors (the prompt end is read once, outside) so it can be vmapped over
-    prompts as well as differentiated.
+    prompts as well as differentiated. X with `x_estimator="rb"`: `x_estimators.rb_loss_values`.
     """
     prompt_end = batch.prompt_end
     batch.require_advantages("the Y loss (loss='y')", loss)
 
     def losses(lora, ids, mask, pos, response, lmax, lengths, adv) -> Tensor:
+        if loss == "x" and x_estimator == "rb":
+            terms = grouped_token_terms(model, lora, ids, mask, pos, response, prompt_end=prompt_end,
+                                        temperature=temperature, kernels=kernels)  # fmt: skip
+            return rb_loss_values(*terms, lmax)
         S = grouped_logprobs(
             model, lora, ids, mask, pos, response, prompt_end=prompt_end, temperature=temperature,
             kernels=kernels,
@@ -90,16 +96,17 @@ def prompt_losses(
     weighting: str = "dr_grpo",
     temperature: float = 1.0,
     kernels: Kernels = PLAIN,
+    x_estimator: str = "loo",
 ) -> Tensor:
     """Per-prompt losses [N] (Lx or Ly of DESIGN §1), in at least fp32; pure in `lora`.
 
     `kernels`: PLAIN composes with every transform; `reverse_kernels(batch)` is for one
     first-order reverse pass (grad, vjp + one pullback, vmap(grad)) or no-grad."""
-    check_loss_args(loss, weighting)
+    check_loss_args(loss, weighting, x_estimator)
     batch = prepared(model, batch)
     fn = per_prompt_loss_fn(
         model, batch, loss=loss, weighting=weighting, temperature=check_temperature(temperature),
-        kernels=kernels,
+        kernels=kernels, x_estimator=x_estimator,
     )  # fmt: skip
     return fn(lora, *batch_tensors(batch))
 
@@ -120,6 +127,7 @@ def mean_grad(
     response_microbatch: int | None = None,
     temperature: float = 1.0,
     distributed: bool | None = None,
+    x_estimator: str = "loo",
 ) -> Dict:
     """(1/N) Σ_n ∇θ L[n] as a dict shaped like `lora` (P applied if a preconditioner is given).
 
@@ -136,11 +144,14 @@ def mean_grad(
     each sums its shard, one float64 all_reduce gives Σ and N over all ranks, and every rank
     returns the same (1/N_global) Σ_global (P applied after the reduction). A global N of 0
     raises ValueError on every rank. `distributed=False`: this process's batch alone.
+    `x_estimator`: "loo" | "rb" (X only, `functional_probe.x_estimators`; no response_microbatch).
     """
     model.check_lora(lora)
     check_microbatch(response_microbatch, "response_microbatch")
+    check_loss_args(loss, weighting, x_estimator)
+    check_rb_split(loss, x_estimator, response_microbatch)
     kw = dict(loss=loss, weighting=weighting, microbatch=microbatch, temperature=temperature,
-              response_microbatch=response_microbatch)  # fmt: skip
+              response_microbatch=response_microbatch, x_estimator=x_estimator)  # fmt: skip
     if is_distributed(distributed, "mean_grad"):
         with sharded("mean_grad"):
             total = agree(grad_sum, model, lora, batch, **kw)
@@ -153,11 +164,11 @@ def mean_grad(
 
 
 def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, temperature,
-             response_microbatch=None) -> Dict:  # fmt: skip
+             response_microbatch=None, x_estimator="loo") -> Dict:  # fmt: skip
     """Σ_n ∇θ L[n] over `batch` (zeros for None), in at least fp32, one grad per microbatch
     (of prompts, and of responses when `response_microbatch` < G)."""
     total = zero_sums(lora)
-    kw = dict(loss=loss, weighting=weighting, temperature=temperature)
+    kw = dict(loss=loss, weighting=weighting, temperature=temperature, x_estimator=x_estimator)
     for mb in [] if batch is None else microbatches(batch, microbatch):
         if response_microbatch is None or response_microbatch >= mb.group_size:
             kernels = reverse_kernels(mb)
@@ -171,7 +182,7 @@ def grad_sum(model, lora, batch: Batch | None, *, loss, weighting, microbatch, t
     return total
 
 
-def response_split_grads(model, lora, batch: Batch, *, size: int, loss, weighting, temperature) -> list[Dict]:
+def response_split_grads(model, lora, batch: Batch, *, size: int, loss, weighting, temperature, **_) -> list[Dict]:
     """∇θ Σ_n L[n] in pieces, one per chunk of at most `size` responses of every prompt.
 
     Σ_n L[n] = Σ_{n,g} c[n,g]·S[n,g] with c = ∂ΣL/∂S constant in θ (X: −stopgrad(w − b)/G;
@@ -243,6 +254,7 @@ def per_sample_grads(
     weighting: str = "dr_grpo",
     chunk_size: int | None = None,
     temperature: float = 1.0,
+    x_estimator: str = "loo",
 ) -> Dict:
     """∇θ L[n] for every prompt by `vmap(grad)`: a dict of [N, *shape] tensors.
 
@@ -250,12 +262,12 @@ def per_sample_grads(
     SDPA has no vmap batching rule on CPU (torch 2.13): vmap runs its kernel once per prompt
     (a PyTorch performance warning says so), exact and memory-bounded.
     """
-    check_loss_args(loss, weighting)
+    check_loss_args(loss, weighting, x_estimator)
     model.check_lora(lora)
     batch = prepared(model, batch)
     fn = per_prompt_loss_fn(
         model, batch, loss=loss, weighting=weighting, temperature=check_temperature(temperature),
-        kernels=reverse_kernels(batch, prompts=chunk_size),
+        kernels=reverse_kernels(batch, prompts=chunk_size), x_estimator=x_estimator,
     )  # fmt: skip
 
     def one(lora, *tensors):  # one prompt: [G, T] tensors -> scalar loss
