@@ -166,7 +166,7 @@ def probe(
 
     V_X = Σ(s_n − s̄)²/(B_E(B_E−1)); V_Y likewise from t. C_XY ≠ 0 only when E and U share prompts
     (compared by token ids). `se_conditional` = η·sqrt(V_X), the SE given U. `progress(phase)` is
-    called before each of the four phases. The optimizer state is matched to `lora` (names and
+    called before each phase. The optimizer state is matched to `lora` (names and
     shapes) before any gradient is computed. `response_microbatch` splits each prompt's responses
     over the reverse passes of μX, g_U and method="loop" (see `mean_grad`); "jvp" needs no split.
 
@@ -177,9 +177,9 @@ def probe(
 
     `x_estimator`: the X loss of μX and s ("loo": the leave-one-out score-function loss;
     "rb": per-token entropies + entropy-to-go score term, `x_estimators`; dr_grpo only, no
-    `response_microbatch`). `se_jackknife` takes an extra
-    phase (one per-sample gradient pass over U, one step per prompt) only for step="optimizer"
-    with v_y="linear".
+    `response_microbatch`). `se_jackknife` (`probe_step.pseudo_values`) costs an extra phase
+    (one per-sample gradient pass over U, one step per prompt) only for step="optimizer" with
+    v_y="linear"; v_y="jackknife" gives se = se_jackknife for the price of that phase alone.
     """
     stepper = step_of(lora, preconditioner=preconditioner, eta=eta, optimizer=optimizer,
                       named_params=named_params, max_grad_norm=max_grad_norm, lr=lr, step=step, v_y=v_y)  # fmt: skip
