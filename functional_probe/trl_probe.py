@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .alpha import alpha_projections
+from .alpha import shard_projections
 from .batch import Batch
+from .distributed import agree, global_counts, is_distributed, prompt_count, rank_and_world, sharded
 from .grads import mean_grad
 from .model import FunctionalModel
 from .optim_step import AdamState
@@ -29,6 +30,7 @@ from .probe_step import pseudo_values, step_of
 from .trl_config import TrainerLoss
 from .trl_loss import group_count, trainer_grad, trainer_group_grads, trainer_token_logps
 from .trl_rows import TrainerRows
+from .trl_shards import LocalComm, ShardComm, check_processes, global_groups
 from .x_estimators import check_x_estimator
 
 __all__ = ["TrainerProbe", "trainer_probe", "with_reference"]
@@ -62,7 +64,7 @@ def trainer_probe(
     lora: Mapping[str, Tensor],
     micro_batches: Sequence[TrainerRows],
     loss: TrainerLoss,
-    E: Batch,
+    E: Batch | None,
     *,
     optimizer: torch.optim.Optimizer | AdamState,
     named_params: Mapping[str, Parameter] | Iterable[tuple[str, Parameter]] | None = None,
@@ -73,6 +75,7 @@ def trainer_probe(
     microbatch: int | None = None,
     progress: Callable[[str], None] | None = None,
     x_estimator: str = "loo",
+    distributed: bool | None = None,
 ) -> TrainerProbe:
     """The probe of the trainer's next step (module docstring) from θ = `lora`.
 
@@ -80,41 +83,81 @@ def trainer_probe(
     filled from the adapter-free model when β > 0 and missing). `optimizer`: the live optimizer
     (with `named_params`, keyed like `lora`) or an `AdamState`; `max_grad_norm`: the trainer's
     clipping; `lr`: the lr(s) of the step (default: the groups' current lr). `num_groups`: prompts
-    N (default: 1 + the largest group index). Single process: E and the rows are this process's.
-    `x_estimator` ("loo" | "rb"): the X loss of μX and s (`probe`). `se_jackknife` from the
-    pseudo-values of the per-prompt gradients Y_p = −N·∇L_trl[p] (`probe_step.pseudo_values`;
-    TRL's normalisers are kept as they are for the whole batch).
+    N (default: 1 + the largest group index). `x_estimator` ("loo" | "rb"): the X loss of μX and
+    s (`probe`). `se_jackknife` from the pseudo-values of the per-prompt gradients
+    Y_p = −N·∇L_trl[p] (`probe_step.pseudo_values`; TRL's normalisers are kept as they are for
+    the whole batch).
+
+    `distributed=False` (or None without a process group): one process; E and the rows are all
+    there are. With `loss.num_processes` = W > 1 and no process group, the rows must be every
+    rank's micro-batches (the union: TRL's per-rank normalisers are kept, and the 1/W is DDP's
+    average). `distributed=True` (every rank calls it, a DDP / accelerate run of W =
+    `loss.num_processes` ranks): E is this rank's shard (None: empty) and the rows are this
+    rank's; prompts are matched across ranks by their token ids (`num_groups` is refused), and
+    every rank gets the single-process result of the union (`trl_shards`). A rank that does not
+    call gives a ValueError on the others after the rendezvous timeout, not a hang; None under a
+    group of several ranks raises, asking for one of the two.
     """
-    say = progress or (lambda _: None)
     check_x_estimator(x_estimator)
-    if len(E) < 2:
-        raise ValueError(f"trainer_probe needs at least 2 prompts in E for a variance, got {len(E)}")
+    sharded_run = is_distributed(distributed, "trainer_probe")
+    check_processes(loss, sharded_run)
+    if not sharded_run and (E is None or len(E) < 2):
+        raise ValueError(f"trainer_probe needs at least 2 prompts in E for a variance, got {prompt_count(E)}")
+    if sharded_run and num_groups is not None:
+        raise ValueError("num_groups is for distributed=False; with distributed=True the prompts are matched "
+                         "across ranks by their token ids")  # fmt: skip
     stepper = step_of(lora, preconditioner=None, eta=None, optimizer=optimizer, named_params=named_params,
                       max_grad_norm=max_grad_norm, lr=lr, step="optimizer", v_y="linear")  # fmt: skip
+    kw = dict(progress=progress, method=method, microbatch=microbatch, x_estimator=x_estimator)
+    if not sharded_run:
+        mbs = with_references(model, micro_batches, loss)
+        return phases(model, lora, mbs, loss, E, stepper, group_count(mbs, num_groups), LocalComm(), **kw)
+    with sharded("trainer_probe"):
+        (b_e,) = global_counts(prompt_count(E))
+        if b_e < 2:
+            raise ValueError(f"trainer_probe needs at least 2 prompts in E for a variance, got {b_e} across "
+                             f"{rank_and_world()[1]} ranks")  # fmt: skip
+        mbs, holders = global_groups(agree(with_references, model, micro_batches, loss))
+        return phases(model, lora, mbs, loss, E, stepper, len(holders), ShardComm(holders), **kw)
+
+
+def with_references(model: FunctionalModel, micro_batches: Sequence[TrainerRows], loss: TrainerLoss) -> list:
+    """The micro-batches, with `with_reference` log-probs where β > 0 needs them and they are missing."""
     mbs = list(micro_batches)
+    if not mbs:
+        raise ValueError("trainer_probe needs at least one micro-batch of rows")
     if loss.beta:
         mbs = [mb if mb.ref_logps is not None else with_reference(model, mb, loss) for mb in mbs]
-    n_u = group_count(mbs, num_groups)
-    timings: dict[str, float] = {}
+    return mbs
+
+
+def phases(model, lora, mbs, loss: TrainerLoss, E, stepper, n_u: int, comm: LocalComm | ShardComm, *,
+           progress, method: str, microbatch, x_estimator: str) -> TrainerProbe:  # fmt: skip
+    """μX, TRL's gradient and the step, s, t and the pseudo-values, each phase timed; `comm` says
+    how the ranks combine (`trl_shards`: the identity for one process)."""
+    say, timings = progress or (lambda _: None), {}
     kw = dict(temperature=loss.temperature, microbatch=microbatch, x_estimator=x_estimator)
     with timed(timings, "total"):
         say("mean X gradient over E")
         with timed(timings, "mu_x"):
-            mu_x = mean_grad(model, lora, E, loss="x", distributed=False, **kw)
+            mu_x = mean_grad(model, lora, E, loss="x", distributed=comm.distributed, **kw)
         say(f"TRL's {loss.loss_type} gradient over the rows and the optimizer's next step")
         with timed(timings, "mu_y"):
-            g = trainer_grad(model, lora, mbs, loss)
-            view = stepper.take({k: -v for k, v in g.items()}, lora)
+            g = comm.grad(comm.run(trainer_grad, model, lora, mbs, loss))
+            g_u = {k: -v for k, v in g.items()}
+            view = stepper.take(g_u, lora)
         say("projections s of E on the step")
         with timed(timings, "proj_s"):
-            s = alpha_projections(model, lora, E, view.direction, loss="x", method=method, **kw)
+            s = comm.run(shard_projections, model, lora, E, view.direction, loss="x", method=method, **kw)
+            s = comm.gather(s)
         say("per-prompt TRL gradients on the step's pullback of mu_X")
         with timed(timings, "proj_t"):
-            per_prompt, b = trainer_group_grads(model, lora, mbs, loss, num_groups=n_u), view.pullback(mu_x)
-            t = -n_u * sum((per_prompt[k].double() * b[k].double()).flatten(1).sum(1) for k in b)
+            per_prompt = comm.run(trainer_group_grads, model, lora, mbs, loss, num_groups=n_u)
+            b = view.pullback(mu_x)
+            t = comm.t(-n_u * sum((per_prompt[k].double() * b[k].double()).flatten(1).sum(1) for k in b))
         with timed(timings, "jackknife"):
-            y = {k: -n_u * v for k, v in per_prompt.items()}
-            t_jack = pseudo_values(stepper, lora, {k: -v for k, v in g.items()}, mu_x, n_u, [y])
+            y = {k: -n_u * v for k, v in comm.own(per_prompt).items()}
+            t_jack = comm.gather(pseudo_values(stepper, lora, g_u, mu_x, n_u, [y]))
     result = assemble(mu_x, view, stepper, probe_moments(s, t, t_jack, []), s, t, timings=timings,
                       method=method, weighting="dr_grpo", x_estimator=x_estimator)  # fmt: skip
-    return TrainerProbe(result=result, grad=g, delta=dict(view.parts.delta))
+    return TrainerProbe(result=replace(result, ranks=comm.world), grad=g, delta=dict(view.parts.delta))
