@@ -91,23 +91,25 @@ def rank_results(rank: int, world: int) -> dict:
     return out
 
 
-def worker(rank: int, world: int, root: str) -> None:
+def worker(rank: int, world: int, root: str, results=None) -> None:
+    """`results(rank, world)` (default `rank_results`) on a gloo group, pickled to root/rank<r>.pkl."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))  # fmt: skip
     try:
-        result = rank_results(rank, world)
+        result = (results or rank_results)(rank, world)
     finally:
         dist.destroy_process_group()
     Path(root, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
 
 
-def spawn(world: int, root: Path) -> list[dict]:
-    """`worker` on `world` gloo processes (OMP_NUM_THREADS=1); a hang fails the test."""
+def spawn(world: int, root: Path, results=None) -> list[dict]:
+    """`worker` on `world` gloo processes (OMP_NUM_THREADS=1); a hang fails the test. `results`: a
+    module-level function (rank, world) -> picklable, run on every rank (default `rank_results`)."""
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        ctx = mp.start_processes(worker, args=(world, str(root)), nprocs=world, join=False,
+        ctx = mp.start_processes(worker, args=(world, str(root), results), nprocs=world, join=False,
                                  start_method="spawn")  # fmt: skip
     finally:
         if old is None:
