@@ -52,6 +52,10 @@ def device_and_dtype(args: argparse.Namespace, world: int = 1):
 
 
 def demo(args: argparse.Namespace) -> int:
+    if args.model != "tiny":
+        from .demos.smollm2 import main as smollm2_demo
+
+        return smollm2_demo(args)
     from . import report
     from .demos.synthetic import sample_rollouts
     from .model import tiny_model
@@ -248,6 +252,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--prompts", type=int, default=8, help="prompts in each of E and U")
     d.add_argument("--steps", type=int, default=3, help="AdamW steps before probing")
     d.add_argument("--lr", type=float, default=1e-3, help="AdamW lr, also the probed step size η")
+    d.add_argument("--model", default="tiny", choices=["tiny", "smollm2-135m"], help="tiny: the embedded NF4 model; "
+                   "smollm2-135m: SmolLM2-135M-Instruct on arithmetic (fetch-model builds it on first use)")  # fmt: skip
+    d.add_argument("--samples", type=int, default=4, help="smollm2-135m: responses sampled per prompt")
+    d.add_argument("--max-new-tokens", type=int, default=32, help="smollm2-135m: response length cap (= Lmax)")
     r = sub.add_parser("run", help="the probe on local checkpoints")
     r.add_argument("--model", required=True, help="Hugging Face model directory (its tokenizer reads text)")
     r.add_argument("--adapter", help="PEFT LoRA adapter directory (default: --checkpoint's)")
