@@ -40,7 +40,7 @@ from functional_probe.fetch import cache_dir, fetch_model
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "smollm2_eta_sweep.json"
-SCALES = (1.0, 4.0, 16.0, 64.0, 256.0)
+SCALES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # the step itself is ~4% of ‖θ‖ after 3 AdamW steps at lr 1e-3
 
 
 def trained(args, model, tokenizer):

@@ -36,7 +36,7 @@ from ..trl_rows import trl_advantages
 
 OPERATORS = ("+", "-", "*")
 LAST_INTEGER = re.compile(r"-?\d+")
-CHECK_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # multiples of the exact next step
+CHECK_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the exact next step
 
 
 @dataclass(frozen=True)
