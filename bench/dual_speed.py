@@ -10,7 +10,7 @@ vocab 49152, tied); ``small`` = DESIGN §3's Qwen2 (hidden 256, 4 layers, vocab 
 Timed in one process, the order shuffled every round, medians and [min, max] of ``--rounds``:
 
 - ``hf``           transformers eager forward of the PEFT twin (logits at every position), no_grad
-- ``primal``       ``fp.sequence_logprobs`` under no_grad (the fast primal)
+- ``primal``       ``fp.sequence_logprobs(derivatives=False)`` (the fast primal)
 - ``plain_primal`` the same S through the plain forward (``grouped_logprobs``), no_grad
 - ``dual``         ``fp.sequence_logprobs_and_tangent`` (what ``method="jvp"`` runs)
 - ``jvp``          ``fp.alpha_projections(method="jvp")``
@@ -93,7 +93,7 @@ def make_runners(model, nf4_model, batch, with_nf4: bool):
 
     def primal():
         with torch.no_grad():
-            return fp.sequence_logprobs(model, lora, b)
+            return fp.sequence_logprobs(model, lora, b, derivatives=False)
 
     def plain_primal():
         with torch.no_grad():
@@ -117,7 +117,7 @@ def check(model, batch) -> dict[str, float]:
     ref, ref_dot = torch.func.jvp(S_of, (lora,), (direction,))
     S, S_dot = fp.sequence_logprobs_and_tangent(model, lora, direction, batch)
     with torch.no_grad():
-        fast = fp.sequence_logprobs(model, lora, batch)
+        fast = fp.sequence_logprobs(model, lora, batch, derivatives=False)
     err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     return {"dual_S": err(S, ref), "dual_S_dot": err(S_dot, ref_dot), "primal_S": err(fast, ref)}
 

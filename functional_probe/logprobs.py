@@ -19,8 +19,8 @@ from torch import Tensor
 from .batch import Batch
 from .head import chunked_logprobs
 from .model import FunctionalModel
-from .model.fast_primal import fast_sequence_logprobs, plain_call
-from .model.kernels import PLAIN, Kernels
+from .model.fast_primal import fast_sequence_logprobs
+from .model.kernels import PLAIN, Kernels, transform_active
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -77,20 +77,26 @@ def sequence_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     kernels: Kernels = PLAIN,
+    derivatives: bool = True,
 ) -> Tensor:
     """S [N, G] in at least fp32 (nats), summed over response tokens only; pure in `lora`.
 
     A row's S does not depend on its batch or padding: positions come from the mask and
     padded targets are masked out. Memory of the head: see `token_logprobs`. `kernels`:
     PLAIN composes with every transform; `model.kernels.first_order_kernels` is for
-    first-order reverse (grad, vmap(grad)) and no-grad passes. Under no_grad, outside
-    torch.func transforms, it runs the merged-LoRA fast primal (model/fast_primal.py).
+    first-order reverse (grad, vmap(grad)) and no-grad passes. `derivatives=False` says the
+    caller takes no derivative of S (realized-ΔH sweeps, first-order checks): then the merged-LoRA
+    no-graph fast primal runs (model/fast_primal.py; `kernels` unused) and S carries no graph;
+    under a torch.func transform that raises ValueError.
     """
     temperature = check_temperature(temperature)
     batch = prepared(model, batch)
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
     kw = dict(prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens)
-    if not torch.is_grad_enabled() and plain_call(lora):  # no graph wanted: the merged fast primal
+    if not derivatives:
+        if transform_active(lora):
+            raise ValueError("sequence_logprobs(derivatives=False) under a torch.func transform or forward AD; "
+                             "expected derivatives=True there")  # fmt: skip
         return fast_sequence_logprobs(model, lora, *args, **kw)
     return grouped_logprobs(model, lora, *args, **kw, kernels=kernels)
 
