@@ -35,6 +35,7 @@ from .dual_attention import BLOCK_K, BLOCK_Q, attention_pair, check_blocks
 from .functional import FunctionalModel, default_mask, positions_from_mask
 from .group_linear import GroupLinear, layer_groups
 from .layers import RMSNorm, rotary_cos_sin
+from .packing import Packing
 
 
 @dataclass
@@ -185,12 +186,16 @@ def rotary_halves(cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, ...]
 
 
 def block_dual(
-    block: Block, linears: dict[str, DualLinear], x: Tensor, stacked: bool,
-    rotary: tuple[Tensor, ...], key_mask: Tensor, blocks: tuple[int, int],
+    block: Block, linears: dict[str, DualLinear], x: Tensor, stacked: bool, rotary: tuple[Tensor, ...],
+    packing: Packing, blocks: tuple[int, int], keep: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """One pre-norm block on the pair x [2, B, T, D] (or primal-only [B, T, D]) -> [2, B, T, D]."""
+    """One pre-norm block on the pair x [2, N, D] (packed tokens; [2, B, T, D] unpacked; primal-only
+    [N, D] when not stacked) -> [2, N, D]; with `keep` [M] only those tokens go past attention."""
     h = rms_norm_dual(block.input_layernorm, x, stacked)
-    attn = attention_dual(block.self_attn, linears["qkv"](h, stacked), rotary, key_mask, blocks)
+    qkv = packing.to_slots(linears["qkv"](h, stacked))
+    attn = packing.from_slots(attention_dual(block.self_attn, qkv, rotary, packing.key_mask, blocks))
+    if keep is not None:  # the last layer: the rest feeds nothing
+        attn, x = attn.index_select(1, keep), x.index_select(-2, keep)
     a = linears["o"](attn, True)
     if stacked:
         x = x + a
@@ -214,34 +219,47 @@ def layer_linears(
     return {name: dual_linear(g, direction, split=name == "gate_up") for name, g in groups.items()}
 
 
+def dual_tokens(
+    model: FunctionalModel, lora: Mapping[str, Tensor], direction: Mapping[str, Tensor], input_ids: Tensor,
+    packing: Packing, *, last: Tensor | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(h, ḣ): the final normed hidden states of `packing`'s tokens of input_ids [B, T] and their
+    derivative along `direction`, [N, D] each ([B, T, D] unpacked; [M, D] for the tokens `last`
+    [M], indices into the N). No grad, in the model dtype; pure in lora/direction."""
+    check_blocks(block_q, block_k)
+    model.check_lora(lora)
+    model.check_lora(direction)
+    with torch.no_grad():
+        dec = model.decoder
+        x = F.embedding(packing.pack(input_ids), dec.embed_tokens)
+        cos, sin = rotary_cos_sin(packing.positions, dec.inv_freq, dec.attention_scaling, x.dtype)
+        rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
+        for i, block in enumerate(dec.layers):
+            keep = last if i == len(dec.layers) - 1 else None
+            x = block_dual(block, layer_linears(model, i, lora, direction), x, i > 0, rotary, packing,
+                           (block_q, block_k), keep)  # fmt: skip
+        out = rms_norm_dual(dec.norm, x, True)
+        return out[0], out[1]
+
+
 def dual_hidden_states(
     model: FunctionalModel, lora: Mapping[str, Tensor], direction: Mapping[str, Tensor],
     input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
     *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(h, ḣ), both [B, T, D]: final normed hidden states and their derivative d/dε h(lora + ε·direction).
+    """(h, ḣ), both [B, T, D]: final normed hidden states and their derivative d/dε h(lora + ε·direction),
+    at every position (pads included, as the plain forward computes them).
 
     Same inputs and defaults as `FunctionalModel.hidden_states` (mask [B, T], 1 = real token;
     positions cumsum(mask) − 1). Runs under no_grad in the model dtype; pure in lora/direction.
     Equals `torch.func.jvp(lambda l: model.hidden_states(l, ...), (lora,), (direction,))`.
     Attention goes in query blocks of `block_q` and key blocks of `block_k` positions.
     """
-    check_blocks(block_q, block_k)
-    model.check_lora(lora)
-    model.check_lora(direction)
-    with torch.no_grad():
-        mask = default_mask(input_ids, attention_mask)
-        if position_ids is None:
-            position_ids = positions_from_mask(mask)
-        dec = model.decoder
-        x = F.embedding(input_ids, dec.embed_tokens)
-        cos, sin = rotary_cos_sin(position_ids, dec.inv_freq, dec.attention_scaling, x.dtype)
-        rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
-        for i, block in enumerate(dec.layers):
-            linears = layer_linears(model, i, lora, direction)
-            x = block_dual(block, linears, x, i > 0, rotary, mask, (block_q, block_k))
-        out = rms_norm_dual(dec.norm, x, True)
-        return out[0], out[1]
+    mask = default_mask(input_ids, attention_mask)
+    if position_ids is None:
+        position_ids = positions_from_mask(mask)
+    packing = Packing.full(mask, position_ids)
+    return dual_tokens(model, lora, direction, input_ids, packing, block_q=block_q, block_k=block_k)
 
 
 def head_logprobs_tangent(
