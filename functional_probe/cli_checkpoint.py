@@ -76,7 +76,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     model = load_model(model_dir, ckpt.path, quantize=args.quantize, dtype=dtype, device=device)
     probed = trainer_probe(model, model.lora, [mb.to(device) for mb in mbs], ckpt.loss, E, optimizer=ckpt.state,
                            max_grad_norm=ckpt.max_grad_norm, lr=lrs, num_groups=len(U), method=args.method,
-                           microbatch=args.microbatch, progress=say)  # fmt: skip
+                           microbatch=args.microbatch, progress=say, x_estimator=args.x_estimator)  # fmt: skip
     result = probed.result
     finish(args, result, None, say, ckpt.order)
     return 0
