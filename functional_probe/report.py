@@ -177,7 +177,7 @@ def format_entropy_check(check: EntropyCheck, settings: Mapping | None = None) -
         row = f"{p.scale:>7.4g} {rel:>10}  {pm(p.predicted, p.predicted_se):<21} {pm(p.predicted_2, p.predicted_2_se):<21}"
         for e in check.estimators:
             row += f" {pm(p.realized[e], p.realized_se[e]) + (' *' if p.scale in check.fit_scales[e] else ''):<22}"
-        lines.append(row + ("  <- probed step" if p.scale == check.probed_scale else ""))
+        lines.append((row + ("  <- probed step" if p.scale == check.probed_scale else "")).rstrip())
     for e in check.estimators:
         n = len(check.fit_scales[e])
         fit = (f"slope {check.slope[e]:.3f}, R² {check.r2[e]:.4f} over {n} scales" if check.slope[e] is not None
@@ -222,7 +222,7 @@ def save_change_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("|change of the per-token entropy rate| (nats/token)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, off the data
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -239,13 +239,15 @@ def plot_entropy_check(check: EntropyCheck, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = [p.scale for p in check.points]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    plot_change(ax, s, [p.predicted for p in check.points], "predicted δH₁(s) = s·δH₁", "C0")
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    plot_change(ax, s, [p.predicted for p in check.points], "predicted δH₁(s) = s·δH₁ (± SE)", "C0")
+    ax.errorbar(s, [abs(p.predicted) for p in check.points], yerr=[p.predicted_se for p in check.points],
+                fmt="none", ecolor="C0", lw=0.8)  # fmt: skip
     plot_change(ax, s, [p.predicted_2 for p in check.points], "predicted δH₁ + δH₂", "C4")
     for i, e in enumerate(check.estimators):
         values, ses = [p.realized[e] for p in check.points], [p.realized_se[e] for p in check.points]
         fit = "" if check.slope[e] is None else f": slope {check.slope[e]:.2f}, R² {check.r2[e]:.3f}"
-        plot_change(ax, s, values, f"realized ΔH(s), {e}{fit}", f"C{i + 1}")
+        plot_change(ax, s, values, f"realized ΔH(s), {e}{fit} (± SE)", f"C{i + 1}")
         ax.errorbar(s, [abs(v) for v in values], yerr=ses, fmt="none", ecolor=f"C{i + 1}", lw=0.8)
         ax.loglog(s, [RESOLVED_SE * se for se in ses], ":", color=f"C{i + 1}", lw=1,
                   label=f"noise floor of {e}: {RESOLVED_SE:g}·SE")  # fmt: skip
