@@ -188,7 +188,8 @@ def format_entropy_check(check: EntropyCheck, settings: Mapping | None = None) -
     if settings:
         lines.append(f"realized: {settings['samples_per_prompt']} fresh responses per prompt for each of E's "
                      f"{settings['prompts']} prompts at θ and each θ + s·Δθ (same random numbers), temperature "
-                     f"{settings['temperature']:g}; {settings['seconds']:.1f} s")  # fmt: skip
+                     f"{settings['temperature']:g}; predicted: the probe's δH₁ from E's own responses ± its SE "
+                     f"given U; {settings['seconds']:.1f} s")  # fmt: skip
     lines.append(f"first-order verdict: {check_verdict(check)[0]}")
     return "\n".join(lines)
 
