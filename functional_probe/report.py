@@ -29,6 +29,8 @@ UNITS = {
     "delta_h1": "δH₁ = η·<μX, μY>: predicted change of the per-token entropy rate, nats/token; > 0 raises it",
     "se": "standard error of delta_h1 over E and U (nats/token)",
     "se_conditional": "standard error of delta_h1 given U (E's sampling only)",
+    "se_jackknife": "delete-one-prompt jackknife standard error of delta_h1 over E and U (nats/token)",
+    "x_estimator": "the X loss of μX: 'loo' (leave-one-out score function) or 'rb' (Rao–Blackwellized)",
     "bars_dot": "<μX, μY> per unit step (nats/token per unit η)",
     "V_X, V_Y, C_XY": "variances of the means of s and t and their covariance, per unit step (no η)",
     "s, t": "per-prompt projections <X_n, μY> (E) and <Y_p, P(μX)> (U), per unit step",
@@ -131,13 +133,15 @@ def format_probe(r: ProbeResult, v: Verdict | None = None) -> str:
         ("δH₁ = η·<μX, μY>", f"{r.delta_h1:+.6g} ± {r.se:.3g} nats/token (change of the per-token entropy rate)"),
         ("verdict", verdict_line(r, v)),
         ("SE(δH₁)", f"{r.se:.6g}   ({cross})"),
+        ("jackknife SE (over prompts)", "not computed" if r.se_jackknife is None
+         else f"{r.se_jackknife:.6g}   (delete one prompt of E or U at a time)"),  # fmt: skip
         ("SE given U (conditional)", f"{r.se_conditional:.6g}"),
         ("δH₁ / SE", f"{v.z:+.3g}"),
         ("bars_dot = <μX, μY>", f"{r.bars_dot:+.6g} per unit η"),
         ("η", f"{r.eta:.6g}"),
         ("V_X, V_Y, C_XY (per unit step)", f"{r.V_X:.4g}, {r.V_Y:.4g}, {r.C_XY:.4g}"),
         ("B_E, B_U (prompts)", f"{r.B_E}, {r.B_U}"),
-        ("method, weighting", f"{r.method}, {r.weighting}"),
+        ("method, weighting, X estimator", f"{r.method}, {r.weighting}, {r.x_estimator}"),
     ]
     rows += [(f"time: {k}", f"{t:.3f} s") for k, t in r.timings.items()]
     width = max(len(k) for k, _ in rows)

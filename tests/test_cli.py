@@ -285,3 +285,23 @@ def test_demo_runs_in_the_requested_dtype(tmp_path):
     assert main(argv) == 0
     r = ProbeResult.from_json((tmp_path / "r.json").read_text())
     assert r.B_E == 2 and math.isfinite(r.delta_h1) and r.se > 0
+
+
+def test_x_estimator_reaches_the_probe_and_the_json(saved_run, named_state, tmp_path):
+    """run --x-estimator rb gives the API's probe(x_estimator="rb"); the JSON and table carry the
+    estimator and the jackknife SE (of the optimizer's exact step, which `run` probes)."""
+    _, _, root, model = saved_run
+    argv = run_args(saved_run, tmp_path, **{"--optimizer-state": named_state[0] / "named.pt"})
+    assert main(argv + ["--x-estimator", "rb", "--device", "cpu"]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    E, U = read_rollouts(root / "E.jsonl").to_batch(), read_rollouts(root / "U.jsonl").to_batch()
+    ref = probe(model, model.lora, E, U, optimizer=named_state[1], lr=1e-3, x_estimator="rb")
+    for key in ("bars_dot", "delta_h1", "se", "se_jackknife"):
+        assert got[key] == pytest.approx(getattr(ref, key), rel=1e-6), key
+    assert got["x_estimator"] == "rb" and "se_jackknife" in got["units"]
+    assert got["step"] == "optimizer" and got["se_jackknife"] > 0
+    from functional_probe.cli import parser
+
+    assert parser().parse_args(["demo"]).x_estimator == "loo"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["demo", "--x-estimator", "rbb"])

@@ -1,7 +1,9 @@
 """report.py: the verdict against closed forms, tables and JSON carry it, the plot is written."""
 
+import dataclasses
 import json
 import math
+import re
 
 import pytest
 
@@ -31,6 +33,9 @@ def test_probe_table_states_values_units_and_the_independence_assumption():
     assert "0.00360555" in text and "independent draws" in text
     assert "4, 5" in text and "0.500 s" in text
     assert "cross term of 3 prompts" in format_probe(result(3))
+    assert re.search(r"jackknife SE \(over prompts\) +not computed", text)  # a result read from an older JSON
+    rb = dataclasses.replace(result(0), x_estimator="rb", se_jackknife=4.25e-3)
+    assert "0.00425   (delete one prompt" in format_probe(rb) and "jvp, dr_grpo, rb" in format_probe(rb)
 
 
 def test_unresolved_verdict_gives_the_prompts_that_would_resolve_it():
