@@ -35,8 +35,9 @@ from .distributed import (
 from .grads import dot64, mean_grad, require_batch
 from .model import FunctionalModel
 from .optim_step import AdamState
-from .probe_step import Preconditioner, StepView, jackknife_values, step_of
+from .probe_step import Preconditioner, StepView, has_pseudo_values, jackknife_values, step_of
 from .stats import Moments, moments
+from .x_estimators import check_rb_split, check_x_estimator
 
 
 @dataclass
@@ -51,7 +52,9 @@ class ProbeResult:
     batch's gradient part and the momentum and weight-decay parts (they sum to `delta_h1`);
     `clip_coef` is the gradient-clipping factor applied (1.0: none); `optimizer` names it.
     These are None for the preconditioned step, which has no such parts. `ranks`: how many
-    processes' shards made up E and U (1 unless distributed=True)."""
+    processes' shards made up E and U (1 unless distributed=True). `x_estimator`: the X loss
+    whose gradient μX is ("loo" | "rb", `x_estimators`). `se_jackknife`: the delete-one-prompt
+    jackknife SE of δH₁ over E and U (formula: `probe_step.pseudo_values`), scaled by η."""
 
     eta: float
     bars_dot: float
@@ -77,6 +80,8 @@ class ProbeResult:
     delta_h1_decay: float | None = None
     v_y: str = "linear"
     ranks: int = 1
+    x_estimator: str = "loo"
+    se_jackknife: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -112,16 +117,9 @@ def pair_moments(s: Tensor, t: Tensor, pairs: list[tuple[int, int]]) -> Moments:
 
 
 def cross_of(m: Moments, B_E: int, B_U: int) -> float:
-    """C_XY = k/(B_E·B_U) · c_xy/(k−1) from the pair moments `m` (k = m.n); 0 for k < 2."""
+    """C_XY = Cov(s̄, t̄) from the moments `m` of the k = m.n prompts in both batches:
+    k/(B_E·B_U) · Σ_pairs(s−s̄)(t−t̄)/(k−1); with E = U, Σ(s_n − s̄)(t_n − t̄)/(B(B−1)); 0 for k < 2."""
     return m.n / (B_E * B_U) * m.sample_cov() if m.n >= 2 else 0.0
-
-
-def cross_term(s: Tensor, t: Tensor, pairs: list[tuple[int, int]]) -> float:
-    """C_XY = Cov(s̄, t̄) from prompts in both batches: k/(B_E·B_U) · Σ_pairs(s−s̄)(t−t̄)/(k−1).
-
-    With E and U the same batch this is Σ(s_n − s̄)(t_n − t̄)/(B(B−1)); no pairs give 0.
-    """
-    return cross_of(pair_moments(s, t, pairs), len(s), len(t))
 
 
 def probe(
@@ -145,6 +143,7 @@ def probe(
     temperature: float = 1.0,
     progress: Callable[[str], None] | None = None,
     distributed: bool | None = None,
+    x_estimator: str = "loo",
 ) -> ProbeResult:
     """δH₁ of one step from θ = `lora`, with SE = η·sqrt(V_X + V_Y + 2·C_XY).
 
@@ -167,7 +166,7 @@ def probe(
 
     V_X = Σ(s_n − s̄)²/(B_E(B_E−1)); V_Y likewise from t. C_XY ≠ 0 only when E and U share prompts
     (compared by token ids). `se_conditional` = η·sqrt(V_X), the SE given U. `progress(phase)` is
-    called before each of the four phases. The optimizer state is matched to `lora` (names and
+    called before each phase. The optimizer state is matched to `lora` (names and
     shapes) before any gradient is computed. `response_microbatch` splits each prompt's responses
     over the reverse passes of μX, g_U and method="loop" (see `mean_grad`); "jvp" needs no split.
 
@@ -175,12 +174,20 @@ def probe(
     the missing ranks after the rendezvous timeout): E and U are this rank's shards (`None`:
     empty); see `sharded_probe`. `distributed=False`: this process's E and U alone, even under
     a group. None under a group of several ranks raises, asking for one of the two.
+
+    `x_estimator`: the X loss of μX and s ("loo": the leave-one-out score-function loss;
+    "rb": per-token entropies + entropy-to-go score term, `x_estimators`; dr_grpo only, no
+    `response_microbatch`). `se_jackknife` (`probe_step.pseudo_values`) costs an extra phase
+    (one per-sample gradient pass over U, one step per prompt) only for step="optimizer" with
+    v_y="linear"; v_y="jackknife" gives se = se_jackknife for the price of that phase alone.
     """
     stepper = step_of(lora, preconditioner=preconditioner, eta=eta, optimizer=optimizer,
                       named_params=named_params, max_grad_norm=max_grad_norm, lr=lr, step=step, v_y=v_y)  # fmt: skip
     check_response_microbatch(method, response_microbatch)
+    check_x_estimator(x_estimator, weighting)
+    check_rb_split("x", x_estimator, response_microbatch)
     kw = dict(method=method, weighting=weighting, microbatch=microbatch, response_microbatch=response_microbatch,
-              temperature=temperature)  # fmt: skip
+              temperature=temperature, x_estimator=x_estimator)  # fmt: skip
     if is_distributed(distributed, "probe"):
         with sharded("probe"):
             return sharded_probe(model, lora, E, U, stepper=stepper, progress=progress, **kw)
@@ -190,17 +197,23 @@ def probe(
             raise ValueError(f"the probe needs at least 2 prompts in {name} for a variance, got {len(b)}")
     U.require_advantages("probe: the update batch U")
     timings: dict[str, float] = {}
-    mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, n_u=len(U), distributed=False,
-                                   **kw)  # fmt: skip
-    m_s, m_t, m_c = moments(s), moments(t), pair_moments(s, t, shared_pairs(E, U))
-    return assemble(mu_x, view, stepper, m_s, m_t, m_c, s, t, timings=timings, **kw)
+    mu_x, view, s, t, t_jack = four_phases(model, lora, E, U, stepper, progress, timings, n_u=len(U),
+                                           distributed=False, **kw)  # fmt: skip
+    parts = probe_moments(s, t, t_jack, shared_pairs(E, U))
+    return assemble(mu_x, view, stepper, parts, s, t, timings=timings, **kw)
+
+
+def probe_moments(s: Tensor, t: Tensor, t_jack: Tensor, pairs: list[tuple[int, int]]) -> list[Moments]:
+    """[moments of s, of t, of the shared (s, t) pairs, of t_jack, of the shared (s, t_jack) pairs]."""
+    return [moments(s), moments(t), pair_moments(s, t, pairs), moments(t_jack), pair_moments(s, t_jack, pairs)]
 
 
 def four_phases(model, lora, E, U, stepper, progress, timings, *, n_u: int, distributed: bool, method,
                 weighting, **kw):  # fmt: skip
     """μX, the step from g_U = mean ∇Ly, s on E and t on U (linearised projections, or jackknife
-    pseudo-values over the n_u prompts of U), each phase timed. With `distributed`, E and U are
-    shards: the means are global (all_reduce), s and t local, local errors agreed."""
+    pseudo-values over the n_u prompts of U), and U's jackknife pseudo-values t_jack (t itself
+    when t already is them, `has_pseudo_values`), each phase timed. With `distributed`, E and U are
+    shards: the means are global (all_reduce), s, t and t_jack local, local errors agreed."""
     say = progress or (lambda _: None)
     with timed(timings, "total"):
         say("mean X gradient over E")
@@ -222,7 +235,12 @@ def four_phases(model, lora, E, U, stepper, progress, timings, *, n_u: int, dist
             else:
                 say("projections t of U on the step's pullback of mu_X")
                 t = project(shard_projections, model, lora, U, view.pullback(mu_x), loss="y", method=method, **kw)
-    return mu_x, view, s, t
+        t_jack = t
+        if not has_pseudo_values(stepper):
+            say("jackknife pseudo-values over the prompts of U (for se_jackknife)")
+            with timed(timings, "jackknife"):
+                t_jack = project(jackknife_values, model, lora, U, stepper, g_u, mu_x, n_u, **kw)
+    return mu_x, view, s, t, t_jack
 
 
 def sharded_probe(model, lora, E: Batch | None, U: Batch | None, *, stepper, progress, **kw) -> ProbeResult:
@@ -245,21 +263,24 @@ def sharded_probe(model, lora, E: Batch | None, U: Batch | None, *, stepper, pro
             raise ValueError(f"the probe needs at least 2 prompts in {name} for a variance, got {b} "
                              f"across {rank_and_world()[1]} ranks")  # fmt: skip
     timings: dict[str, float] = {}
-    mu_x, view, s, t = four_phases(model, lora, E, U, stepper, progress, timings, n_u=B_U, distributed=True, **kw)
+    mu_x, view, s, t, t_jack = four_phases(model, lora, E, U, stepper, progress, timings, n_u=B_U,
+                                           distributed=True, **kw)  # fmt: skip
     pairs = shared_pairs(E, U) if E is not None and U is not None else []
-    local = agree(lambda: [moments(s), moments(t), pair_moments(s, t, pairs)])  # a non-finite s raises
-    m_s, m_t, m_c = all_moments(local)
+    local = agree(probe_moments, s, t, t_jack, pairs)  # a non-finite s raises
     s_all, t_all = all_gather_vector(s), all_gather_vector(t)
-    result = assemble(mu_x, view, stepper, m_s, m_t, m_c, s_all, t_all, timings=timings, **kw)
+    result = assemble(mu_x, view, stepper, all_moments(local), s_all, t_all, timings=timings, **kw)
     return replace(result, ranks=rank_and_world()[1])
 
 
-def assemble(mu_x, view: StepView, stepper, m_s: Moments, m_t: Moments, m_c: Moments, s: Tensor, t: Tensor,
-             *, timings: dict[str, float], method: str, weighting: str, **_) -> ProbeResult:  # fmt: skip
-    """ProbeResult from the means, the step, the (global) moments of s, t and of the shared pairs."""
+def assemble(mu_x, view: StepView, stepper, parts: Sequence[Moments], s: Tensor, t: Tensor, *,
+             timings: dict[str, float], method: str, weighting: str, x_estimator: str = "loo",
+             **_) -> ProbeResult:  # fmt: skip
+    """ProbeResult from the means, the step and the (global) `probe_moments`."""
+    m_s, m_t, m_c, m_tj, m_cj = parts
     eta = stepper.eta
     V_X, V_Y = m_s.var_of_mean_x(), m_t.var_of_mean_x()
     C_XY = cross_of(m_c, m_s.n, m_t.n)
+    var_jack = V_X + m_tj.var_of_mean_x() + 2 * cross_of(m_cj, m_s.n, m_tj.n)
     bars_dot = dot64(mu_x, view.direction)
     split = {}
     if view.parts is not None:
@@ -270,5 +291,6 @@ def assemble(mu_x, view: StepView, stepper, m_s: Moments, m_t: Moments, m_c: Mom
         se=abs(eta) * math.sqrt(max(V_X + V_Y + 2 * C_XY, 0.0)), se_conditional=abs(eta) * math.sqrt(V_X),
         B_E=m_s.n, B_U=m_t.n, shared_prompts=m_c.n, method=method, weighting=weighting,
         s=s.double().tolist(), t=t.double().tolist(), timings=timings, step=stepper.name,
-        optimizer=stepper.source, v_y=stepper.v_y, **split,
+        optimizer=stepper.source, v_y=stepper.v_y, x_estimator=x_estimator,
+        se_jackknife=abs(eta) * math.sqrt(max(var_jack, 0.0)), **split,
     )  # fmt: skip

@@ -132,18 +132,37 @@ def step_of(
     return out
 
 
+def has_pseudo_values(step: OptimizerStep | PreconditionedStep) -> bool:
+    """Whether the probe's t already are U's delete-one jackknife pseudo-values: v_y="jackknife",
+    or the preconditioned step (linear in g_U, so n·θ̂ − (n−1)·θ̂₋ₚ = t_p exactly)."""
+    return step.v_y == "jackknife" or step.name == "preconditioned"
+
+
 def jackknife_values(model, lora, U: Batch | None, step: OptimizerStep, g_u: Mapping[str, Tensor],
                      mu_x: Mapping[str, Tensor], n_u: int, *, microbatch, temperature, **_) -> Tensor:  # fmt: skip
-    """Jackknife pseudo-values over the prompts p of U (a shard of the n_u prompts): with
-    θ̂ = <μX, Δθ(g_U)>/η and θ̂₋ₚ the same for g_U without prompt p, (n_u·g_U − ∇Ly[p])/(n_u − 1),
-
-        t_p = n_u·θ̂ − (n_u − 1)·θ̂₋ₚ        (float64 [len(U)])
-
-    so sample_var(t)/n_u is the jackknife variance (n_u − 1)/n_u · Σ(θ̂₋ₚ − mean)², and t_p equals
-    the linearised projection up to a constant when Δθ is linear in g_U. ∇Ly[p] by vmap(grad)
-    over microbatches of `microbatch` prompts; one optimizer step per prompt."""
+    """`pseudo_values` over the prompts of U (a shard of the n_u prompts; None: empty), ∇Ly[p]
+    by vmap(grad) over microbatches of `microbatch` prompts."""
     if U is None:
         return torch.empty(0, dtype=torch.float64)
+    per = (per_sample_grads(model, lora, mb, loss="y", temperature=temperature) for mb in microbatches(U, microbatch))
+    return pseudo_values(step, lora, g_u, mu_x, n_u, per)
+
+
+def pseudo_values(step: OptimizerStep, lora: Mapping[str, Tensor], g_u: Mapping[str, Tensor],
+                  mu_x: Mapping[str, Tensor], n_u: int, per_prompt: Iterable[Mapping[str, Tensor]]) -> Tensor:  # fmt: skip
+    """Delete-one jackknife pseudo-values over the prompts p of U: with θ̂ = <μX, Δθ(g_U)>/η and
+    θ̂₋ₚ the same for g_U without prompt p, (n_u·g_U − ∇Ly[p])/(n_u − 1),
+
+        t_p = n_u·θ̂ − (n_u − 1)·θ̂₋ₚ        (float64 [prompts])
+
+    so sample_var(t)/n_u is the jackknife variance (n_u − 1)/n_u · Σ(θ̂₋ₚ − mean)², and t_p equals
+    the linearised projection up to a constant when Δθ is linear in g_U. `per_prompt`: dicts of
+    [m, *shape] ∇Ly[p] (chunks of U's prompts, in order); one optimizer step per prompt.
+
+    The probe's `se_jackknife` = η·sqrt(J_E + J_U + 2·C_J) is the two-sample delete-one-prompt
+    jackknife of θ̂ = δH₁/η: J_E over E's prompts (μX without prompt n, the step kept), J_U =
+    sample_var(t)/n_u from these, C_J = `probe.cross_of` of the shared prompts' pseudo-values.
+    θ̂ is linear in μX, so E's pseudo-values are s and J_E = V_X."""
     eta = step.eta
 
     def value(g: Mapping[str, Tensor]) -> float:
@@ -152,8 +171,7 @@ def jackknife_values(model, lora, U: Batch | None, step: OptimizerStep, g_u: Map
 
     full = value(g_u)
     out = []
-    for mb in microbatches(U, microbatch):
-        per = per_sample_grads(model, lora, mb, loss="y", temperature=temperature)
-        for i in range(len(mb)):
+    for per in per_prompt:
+        for i in range(len(next(iter(per.values())))):
             out.append(n_u * full - (n_u - 1) * value({k: (n_u * g_u[k] - per[k][i]) / (n_u - 1) for k in g_u}))
     return torch.tensor(out, dtype=torch.float64)

@@ -98,7 +98,7 @@ def peft_twin(model: FunctionalModel, *, attn_implementation: str = "eager") -> 
         for name, param in peft_model.named_parameters():
             if name in lora:
                 param.copy_(lora[name])
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    if trainable != set(lora):
-        raise ValueError(f"PEFT twin parameters differ from model.lora: {sorted(trainable ^ set(lora))[:3]}")
+    adapter = {n for n, _ in peft_model.named_parameters() if ".lora_" in n}
+    if adapter != set(lora):
+        raise ValueError(f"PEFT twin parameters differ from model.lora: {sorted(adapter ^ set(lora))[:3]}")
     return peft_model.eval()

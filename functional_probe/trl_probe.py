@@ -24,12 +24,12 @@ from .batch import Batch
 from .grads import mean_grad
 from .model import FunctionalModel
 from .optim_step import AdamState
-from .probe import ProbeResult, assemble, pair_moments, timed
-from .probe_step import step_of
-from .stats import moments
+from .probe import ProbeResult, assemble, probe_moments, timed
+from .probe_step import pseudo_values, step_of
 from .trl_config import TrainerLoss
 from .trl_loss import group_count, trainer_grad, trainer_group_grads, trainer_token_logps
 from .trl_rows import TrainerRows
+from .x_estimators import check_x_estimator
 
 __all__ = ["TrainerProbe", "trainer_probe", "with_reference"]
 
@@ -72,6 +72,7 @@ def trainer_probe(
     method: str = "jvp",
     microbatch: int | None = None,
     progress: Callable[[str], None] | None = None,
+    x_estimator: str = "loo",
 ) -> TrainerProbe:
     """The probe of the trainer's next step (module docstring) from θ = `lora`.
 
@@ -80,8 +81,12 @@ def trainer_probe(
     (with `named_params`, keyed like `lora`) or an `AdamState`; `max_grad_norm`: the trainer's
     clipping; `lr`: the lr(s) of the step (default: the groups' current lr). `num_groups`: prompts
     N (default: 1 + the largest group index). Single process: E and the rows are this process's.
+    `x_estimator` ("loo" | "rb"): the X loss of μX and s (`probe`). `se_jackknife` from the
+    pseudo-values of the per-prompt gradients Y_p = −N·∇L_trl[p] (`probe_step.pseudo_values`;
+    TRL's normalisers are kept as they are for the whole batch).
     """
     say = progress or (lambda _: None)
+    check_x_estimator(x_estimator)
     if len(E) < 2:
         raise ValueError(f"trainer_probe needs at least 2 prompts in E for a variance, got {len(E)}")
     stepper = step_of(lora, preconditioner=None, eta=None, optimizer=optimizer, named_params=named_params,
@@ -91,7 +96,7 @@ def trainer_probe(
         mbs = [mb if mb.ref_logps is not None else with_reference(model, mb, loss) for mb in mbs]
     n_u = group_count(mbs, num_groups)
     timings: dict[str, float] = {}
-    kw = dict(temperature=loss.temperature, microbatch=microbatch)
+    kw = dict(temperature=loss.temperature, microbatch=microbatch, x_estimator=x_estimator)
     with timed(timings, "total"):
         say("mean X gradient over E")
         with timed(timings, "mu_x"):
@@ -107,6 +112,9 @@ def trainer_probe(
         with timed(timings, "proj_t"):
             per_prompt, b = trainer_group_grads(model, lora, mbs, loss, num_groups=n_u), view.pullback(mu_x)
             t = -n_u * sum((per_prompt[k].double() * b[k].double()).flatten(1).sum(1) for k in b)
-    result = assemble(mu_x, view, stepper, moments(s), moments(t), pair_moments(s, t, []), s, t, timings=timings,
-                      method=method, weighting="dr_grpo")  # fmt: skip
+        with timed(timings, "jackknife"):
+            y = {k: -n_u * v for k, v in per_prompt.items()}
+            t_jack = pseudo_values(stepper, lora, {k: -v for k, v in g.items()}, mu_x, n_u, [y])
+    result = assemble(mu_x, view, stepper, probe_moments(s, t, t_jack, []), s, t, timings=timings,
+                      method=method, weighting="dr_grpo", x_estimator=x_estimator)  # fmt: skip
     return TrainerProbe(result=result, grad=g, delta=dict(view.parts.delta))

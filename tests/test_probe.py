@@ -340,7 +340,7 @@ def test_exact_step_sharded_over_two_ranks_equals_one_process(tmp_path):
     for v in ("linear", "jackknife"):
         ref = asdict(probe(model, lora, E, U, optimizer=opt, named_params=params, max_grad_norm=0.05, v_y=v))
         for got in (r[v] for r in ranks):
-            for key in ("delta_h1", "V_X", "V_Y", "se", "delta_h1_gradient", "delta_h1_momentum", "clip_coef"):
+            for key in ("delta_h1", "V_X", "V_Y", "se", "se_jackknife", "delta_h1_gradient", "delta_h1_momentum", "clip_coef"):
                 assert got[key] == pytest.approx(ref[key], rel=1e-10), (v, key)
             assert np.allclose(got["s"], ref["s"], rtol=1e-10, atol=0) and np.allclose(got["t"], ref["t"], rtol=1e-10, atol=0)
             assert (got["B_E"], got["B_U"], got["v_y"]) == (5, 6, v)

@@ -81,3 +81,29 @@ def test_fewer_than_two_prompts_in_E_are_refused(setup):
     model, loss, mbs, E, opt, params = setup
     with pytest.raises(ValueError, match="at least 2 prompts in E"):
         trainer_probe(model, model.lora, mbs, loss, E[:1], optimizer=opt, named_params=params)
+
+
+def test_rb_estimator_and_the_jackknife_by_per_prompt_loops(setup):
+    """x_estimator="rb": s_n = <∇Xrb_n, Δθ/η> per prompt of E. se_jackknife: E's part V_X, U's the
+    delete-one jackknife of θ̂₋ₚ = <μX, Δθ(p.grad = N/(N−1)·(g − ∇L_trl[p]))>/η over TRL's prompts."""
+    model, loss, mbs, E, opt, params = setup
+    lora = {k: p.detach().clone() for k, p in params.items()}
+    r = trainer_probe(model, lora, mbs, loss, E, optimizer=opt, named_params=params, x_estimator="rb").result
+    eta, kw = r.eta, dict(loss="x", temperature=loss.temperature, x_estimator="rb")
+    direction = {k: v / eta for k, v in trainer_probe(model, lora, mbs, loss, E, optimizer=opt,
+                                                      named_params=params).delta.items()}  # fmt: skip
+    s = [dot64(fp.mean_grad(model, lora, E[n], **kw), direction) for n in range(len(E))]
+    np.testing.assert_allclose(r.s, s, rtol=1e-8)
+    assert r.x_estimator == "rb"
+    state, mu_x, n_u = fp.AdamState.from_optimizer(opt, params), fp.mean_grad(model, lora, E, **kw), len(r.t)
+    g = trainer_grad(model, lora, mbs, loss)
+    theta = []
+    for p in range(n_u):
+        gp = torch.func.grad(lambda th, p=p: trainer_prompt_losses(model, th, mbs, loss)[p])(lora)
+        theta.append(dot64(mu_x, state.step({k: n_u / (n_u - 1) * (g[k] - gp[k]) for k in g}, lora).delta) / eta)
+    theta = np.array(theta)
+    j_u = (n_u - 1) / n_u * np.sum((theta - theta.mean()) ** 2)
+    print(f"V_X {r.V_X:.4e}, V_Y {r.V_Y:.4e}, jackknife U part {j_u:.4e}")
+    assert r.se_jackknife == pytest.approx(eta * np.sqrt(r.V_X + j_u), rel=1e-8)
+    with pytest.raises(ValueError, match="x_estimator='rbb'"):
+        trainer_probe(model, lora, mbs, loss, E, optimizer=opt, named_params=params, x_estimator="rbb")
