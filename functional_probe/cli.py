@@ -15,26 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_demo import DEMO_GROUP, demo
+
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-DEMO_GROUP = 8  # responses per prompt in the demo's E and U
-
-
-def adamw_state(model, lora, U, *, lr: float, steps: int):
-    """A real AdamW state: `steps` policy-gradient steps (minimising −mean Ly) on U; returns the
-    stepped LoRA dict and the optimizer's state (`AdamState`, whose `step` is the next one)."""
-    import torch
-
-    from .grads import mean_grad
-    from .optim_step import AdamState
-
-    params = {k: torch.nn.Parameter(v.clone()) for k, v in lora.items()}
-    opt = torch.optim.AdamW(params.values(), lr=lr)
-    for _ in range(steps):
-        g = mean_grad(model, {k: p.detach() for k, p in params.items()}, U, loss="y")
-        for k, p in params.items():
-            p.grad = -g[k]
-        opt.step()
-    return {k: p.detach() for k, p in params.items()}, AdamState.from_optimizer(opt, params)
 
 
 def device_and_dtype(args: argparse.Namespace, world: int = 1):
@@ -50,44 +33,6 @@ def device_and_dtype(args: argparse.Namespace, world: int = 1):
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device, getattr(torch, args.dtype)
-
-
-def demo(args: argparse.Namespace) -> int:
-    """The tiny model, E and U drawn from it (a confidence reward), a few AdamW steps, then the
-    probe of the next step (and with --first-order the entropy check along it); --model
-    smollm2-135m: the arithmetic demo of demos/smollm2.py."""
-    if args.lr is None:
-        args.lr = 1e-2 if args.model == "tiny" else 1e-3
-    if args.model != "tiny":
-        from .demos.smollm2 import main as smollm2_demo
-
-        return smollm2_demo(args)
-    from . import report
-    from .cli_check import check_options, finish, run_check
-    from .demos.synthetic import confident_rollouts
-    from .model import tiny_model
-    from .probe import probe
-    from .validation import check_step_size
-
-    check_step_size(args.lr, "--lr")
-    args.check_scales = check_options(args)
-    say = report.Progress(quiet=args.quiet)
-    device, dtype = device_and_dtype(args)
-    say(f"tiny NF4 model ({device}, {args.dtype}), U sampled from it")
-    model = tiny_model(seed=args.seed, quantize="nf4", dtype=dtype, device=device)
-
-    def draw(lora, seed: int):
-        return confident_rollouts(model, lora, num_prompts=args.prompts, group_size=DEMO_GROUP, seed=seed).to_batch()
-
-    U = draw(model.lora, args.seed)
-    say(f"{args.steps} AdamW steps for an optimizer state")
-    lora, state = adamw_state(model, model.lora, U, lr=args.lr, steps=args.steps)
-    E = draw(lora, args.seed + 1)  # drawn from π at the probed θ: the X loss and the check need E ~ π_θ
-    result = probe(model, lora, E, U, optimizer=state, method=args.method, progress=say,
-                    x_estimator=args.x_estimator)  # fmt: skip
-    check, settings = run_check(model, lora, E, U, state, result, args, say) if args.first_order else (None, None)
-    finish(args, result, check, settings, say, None)
-    return 0
 
 
 def tokenizer_of(model_dir: Path):
