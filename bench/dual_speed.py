@@ -7,10 +7,11 @@ Models (random weights, no download; LoRA r=8, alpha=16 on all 7 projections, bo
 ``smollm2`` = SmolLM2-135M's shape (Llama, hidden 576, 30 layers, 9/3 heads, head_dim 64, MLP 1536,
 vocab 49152, tied); ``small`` = DESIGN §3's Qwen2 (hidden 256, 4 layers, vocab 4096). Batch: 8 prompts x
 2 responses, T columns, ragged (prompts T/8..T/4, responses T/2..3T/4: left and right padding).
-Timed in one process, the order shuffled every round, medians and [min, max] of ``--rounds``:
+Timed in one process, the order shuffled every round, medians and [min, max] of ``--rounds``, wall
+and process CPU time (the latter less inflated by other jobs):
 
 - ``hf``           transformers eager forward of the PEFT twin (logits at every position), no_grad
-- ``primal``       ``fp.sequence_logprobs`` under no_grad (the fast primal)
+- ``primal``       ``fp.sequence_logprobs(derivatives=False)`` (the fast primal)
 - ``plain_primal`` the same S through the plain forward (``grouped_logprobs``), no_grad
 - ``dual``         ``fp.sequence_logprobs_and_tangent`` (what ``method="jvp"`` runs)
 - ``jvp``          ``fp.alpha_projections(method="jvp")``
@@ -93,7 +94,7 @@ def make_runners(model, nf4_model, batch, with_nf4: bool):
 
     def primal():
         with torch.no_grad():
-            return fp.sequence_logprobs(model, lora, b)
+            return fp.sequence_logprobs(model, lora, b, derivatives=False)
 
     def plain_primal():
         with torch.no_grad():
@@ -117,21 +118,24 @@ def check(model, batch) -> dict[str, float]:
     ref, ref_dot = torch.func.jvp(S_of, (lora,), (direction,))
     S, S_dot = fp.sequence_logprobs_and_tangent(model, lora, direction, batch)
     with torch.no_grad():
-        fast = fp.sequence_logprobs(model, lora, batch)
+        fast = fp.sequence_logprobs(model, lora, batch, derivatives=False)
     err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     return {"dual_S": err(S, ref), "dual_S_dot": err(S_dot, ref_dot), "primal_S": err(fast, ref)}
 
 
-def time_interleaved(runners, rounds: int, seed: int = 0) -> dict[str, list[float]]:
+def time_interleaved(runners, rounds: int, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds of each runner, `rounds` times in a shuffled order (CPU time
+    counts only this process's threads, so other jobs on the machine inflate it less)."""
     for run in runners.values():  # warm-up
         run()
-    times, order, rng = {k: [] for k in runners}, list(runners), random.Random(seed)
+    times, order, rng = {k: {"wall": [], "cpu": []} for k in runners}, list(runners), random.Random(seed)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             runners[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name]["cpu"].append(time.process_time() - start_cpu)
+            times[name]["wall"].append(time.perf_counter() - start)
     return times
 
 
@@ -173,15 +177,20 @@ def profile_shares(run) -> dict[str, float]:
     }
 
 
-def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    base = statistics.median(times["hf"])
+def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Medians and [min, max] of wall and CPU time; ratios of medians to hf (and dual/primal, nf4/dual)."""
+    base = {k: statistics.median(times["hf"][k]) for k in ("wall", "cpu")}
     out = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        out[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "x_hf": med / base}
-    out["dual"]["x_primal"] = out["dual"]["median_s"] / out["primal"]["median_s"]
-    if "dual_nf4" in out:
-        out["dual_nf4"]["x_dual"] = out["dual_nf4"]["median_s"] / out["dual"]["median_s"]
+    for name, kinds in times.items():
+        ts, cpu = kinds["wall"], kinds["cpu"]
+        med, med_cpu = statistics.median(ts), statistics.median(cpu)
+        out[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "x_hf": med / base["wall"],
+                     "cpu_median_s": med_cpu, "cpu_min_s": min(cpu), "cpu_max_s": max(cpu),
+                     "cpu_x_hf": med_cpu / base["cpu"]}  # fmt: skip
+    for kind in ("", "cpu_"):
+        out["dual"][f"{kind}x_primal"] = out["dual"][f"{kind}median_s"] / out["primal"][f"{kind}median_s"]
+        if "dual_nf4" in out:
+            out["dual_nf4"][f"{kind}x_dual"] = out["dual_nf4"][f"{kind}median_s"] / out["dual"][f"{kind}median_s"]
     return out
 
 
@@ -287,10 +296,10 @@ def main() -> None:
         report["points"][seq] = point
         print(f"T={seq}: {point['rows']} rows; errors {point['check']}; load {point['load_average']:.1f}")
         for name, t in point["times"].items():
-            extra = "".join(f"  {k} {v:.2f}" for k, v in t.items() if k in ("x_primal", "x_dual"))
-            print(
-                f"  {name:>12}: median {t['median_s']:7.3f} s [{t['min_s']:.3f}, {t['max_s']:.3f}]  {t['x_hf']:.2f} x hf{extra}"
-            )
+            extra = "".join(f"  {k} {v:.2f}" for k, v in t.items() if k.endswith(("x_primal", "x_dual")))
+            print(f"  {name:>12}: wall {t['median_s']:7.3f} s [{t['min_s']:.3f}, {t['max_s']:.3f}] {t['x_hf']:.2f} x hf;"
+                  f" cpu {t['cpu_median_s']:7.3f} s [{t['cpu_min_s']:.3f}, {t['cpu_max_s']:.3f}]"
+                  f" {t['cpu_x_hf']:.2f} x hf{extra}")  # fmt: skip
         for name, p in point.get("profile", {}).items():
             print(f"  profile {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in p.items()))
     if args.long:

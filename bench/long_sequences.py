@@ -202,6 +202,7 @@ def write_report(results: dict) -> None:
         )
     lines += ["", "Anchor: transformers + PEFT, attn_implementation='sdpa', gradient checkpointing (non-reentrant),",
               "full logits + log_softmax as the seed computed S. Peak = VmHWM over the RSS with model and batch loaded."]  # fmt: skip
+    lines += [f"- {what}: {why}" for what, why in results.get("notes", {}).items()]  # left out, and why
     (RESULTS / "long_sequences.md").write_text("\n".join(lines) + "\n")
     plot(results, Ts)
 

@@ -42,8 +42,8 @@ from .grads import (
 from .logprobs import check_temperature, sequence_logprobs_and_tangent
 from .losses import x_losses, y_losses
 from .model import FunctionalModel
-from .model.fast_primal import plain_call
 from .model.functional import check_same_keys_and_shapes
+from .model.kernels import transform_active
 from .stats import Moments, moments
 from .validation import check_step_size
 from .x_estimators import check_rb_split
@@ -131,19 +131,46 @@ def projection_one(model, lora, batch, direction, response_microbatch, **kw) -> 
     return dot(grad_sum(model, lora, batch, microbatch=None, response_microbatch=response_microbatch, **kw), direction)
 
 
+class DualProjections(torch.autograd.Function):
+    """s from the dual forward (no graph) in forward; in backward the vjp of the composable path
+    (`projections_func_jvp`), so reverse mode through method="jvp" differentiates the same s.
+    Autograd records it only when an input is tracked; under torch.func it is not used."""
+
+    @staticmethod
+    def forward(ctx, fast, composable, keys, *values):
+        ctx.composable, ctx.keys = composable, keys
+        ctx.save_for_backward(*values)
+        return fast()
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        keys, n = ctx.keys, len(ctx.keys)
+        _, pullback = vjp(
+            lambda *v: ctx.composable(dict(zip(keys, v[:n], strict=True)), dict(zip(keys, v[n:], strict=True))),
+            *ctx.saved_tensors,
+        )
+        return (None, None, None, *pullback(grad_s))
+
+
 def projections_dual(model, lora, batch, direction, *, loss, weighting, temperature, x_estimator="loo") -> Tensor:
     """s = J v from the dual forward: (S, Ṡ) in one pass, then the loss's jvp in S
     (its leave-one-out coefficient is under stop-gradient, so it stays frozen). Under a torch.func
-    transform or autograd tracking lora/direction the dual (no graph, unbatched) cannot serve, so
-    `projections_func_jvp` runs instead: the same s, composable. So it does for the "rb" X loss,
-    whose per-token entropies the dual does not carry."""
-    if not plain_call(lora, direction) or (loss == "x" and x_estimator == "rb"):
-        return projections_func_jvp(model, lora, batch, direction, loss=loss, weighting=weighting,
-                                    temperature=temperature, x_estimator=x_estimator)  # fmt: skip
-    S, S_dot = sequence_logprobs_and_tangent(model, lora, direction, batch, temperature=temperature)
-    if loss == "x":
-        return jvp(lambda S: x_losses(S, batch, weighting=weighting), (S,), (S_dot,))[1]
-    return jvp(lambda S: y_losses(S, batch), (S,), (S_dot,))[1]
+    transform or forward AD the dual (no graph, unbatched) cannot serve, so `projections_func_jvp`
+    runs instead: the same s, composable; so it does for the "rb" X loss, whose per-token
+    entropies the dual does not carry. Reverse mode (autograd) goes through `DualProjections`."""
+    kw = dict(loss=loss, weighting=weighting, temperature=temperature, x_estimator=x_estimator)
+    if transform_active(lora, direction) or (loss == "x" and x_estimator == "rb"):
+        return projections_func_jvp(model, lora, batch, direction, **kw)
+
+    def fast() -> Tensor:
+        S, S_dot = sequence_logprobs_and_tangent(model, lora, direction, batch, temperature=temperature)
+        losses = x_losses if loss == "x" else y_losses
+        kwargs = {"weighting": weighting} if loss == "x" else {}
+        return jvp(lambda S: losses(S, batch, **kwargs), (S,), (S_dot,))[1]
+
+    composable = lambda lo, d: projections_func_jvp(model, lo, batch, d, **kw)  # noqa: E731
+    keys = list(lora)
+    return DualProjections.apply(fast, composable, keys, *lora.values(), *(direction[k] for k in keys))
 
 
 @dataclass(frozen=True)

@@ -15,25 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_demo import DEMO_GROUP, demo
+
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-RELATIVE_STEPS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # ‖η·μY‖ / ‖θ‖ of the first-order check
-
-
-def adamw_state(model, lora, U, *, lr: float, steps: int):
-    """A real AdamW state: `steps` policy-gradient steps (minimising −mean Ly) on U."""
-    import torch
-
-    from .grads import mean_grad
-    from .precondition import AdamPreconditioner
-
-    params = {k: torch.nn.Parameter(v.clone()) for k, v in lora.items()}
-    opt = torch.optim.AdamW(params.values(), lr=lr)
-    for _ in range(steps):
-        g = mean_grad(model, {k: p.detach() for k, p in params.items()}, U, loss="y")
-        for k, p in params.items():
-            p.grad = -g[k]
-        opt.step()
-    return {k: p.detach() for k, p in params.items()}, AdamPreconditioner.from_optimizer(opt, params)
 
 
 def device_and_dtype(args: argparse.Namespace, world: int = 1):
@@ -49,53 +33,6 @@ def device_and_dtype(args: argparse.Namespace, world: int = 1):
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device, getattr(torch, args.dtype)
-
-
-def demo(args: argparse.Namespace) -> int:
-    from . import report
-    from .demos.synthetic import sample_rollouts
-    from .model import tiny_model
-    from .probe import probe
-    from .validation import check_step_size
-
-    check_step_size(args.lr, "--lr")
-    say = report.Progress(quiet=args.quiet)
-    device, dtype = device_and_dtype(args)
-    say(f"tiny NF4 model ({device}, {args.dtype}), sampled rollouts")
-    model = tiny_model(seed=args.seed, quantize="nf4", dtype=dtype, device=device)
-    rollouts = sample_rollouts(model, model.lora, num_prompts=2 * args.prompts, group_size=4, seed=args.seed)
-    batch = rollouts.to_batch()
-    E, U = batch[: args.prompts], batch[args.prompts :]
-    say(f"{args.steps} AdamW steps for an optimizer state")
-    lora, pre = adamw_state(model, model.lora, U, lr=args.lr, steps=args.steps)
-    result = probe(model, lora, E, U, preconditioner=pre, eta=args.lr, method=args.method, progress=say, x_estimator=args.x_estimator)  # fmt: skip
-    check = first_order(model, lora, E, U, pre, args.lr, say) if args.first_order else None
-    finish(args, result, check, say, None)
-    return 0
-
-
-def first_order(model, lora, E, U, pre, eta: float, say):
-    """The first-order check at RELATIVE_STEPS and at the probed η."""
-    from .first_order import etas_for_relative_steps, first_order_check
-
-    say("first-order check along θ + η·μY")
-    etas = etas_for_relative_steps(model, lora, U, pre, RELATIVE_STEPS)
-    return first_order_check(model, lora, E, U, pre, etas, probed_eta=eta)
-
-
-def finish(args, result, check, say, state_order: str | None) -> None:
-    """Print the verdict and table (and the first-order table and PNG), write the JSON."""
-    from . import report
-
-    v = report.verdict(result, check)
-    print(report.format_probe(result, v))
-    Path(args.out).write_text(report.result_json(result, v, check, state_order))
-    say.done(f"wrote {args.out}")
-    if check is not None:
-        png = Path(args.out).with_suffix(".first_order.png")
-        print(report.format_first_order(check))
-        report.plot_first_order(check, png)
-        say.done(f"wrote {png}")
 
 
 def tokenizer_of(model_dir: Path):
@@ -115,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         from .cli_checkpoint import run_checkpoint
 
         return run_checkpoint(args)
+    from .cli_check import check_options
+
+    args.check_scales = check_options(args)
     check_paths(args)
     with process_group_from_env() as (rank, world):
         return run_ranked(args, rank, world)
@@ -128,7 +68,7 @@ def check_paths(args: argparse.Namespace) -> None:
     if args.checkpoint and args.optimizer_state:
         raise ValueError("give --checkpoint DIR (its optimizer.pt) or --optimizer-state FILE, not both")
     if args.first_order and "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":
-        raise ValueError("--first-order runs in one process only (it re-evaluates the whole E), not under torchrun")
+        raise ValueError("--first-order runs in one process only (it samples afresh for the whole E), not under torchrun")
     if args.update is None and args.rollouts is None:
         raise ValueError("run needs --update U.jsonl, or with --checkpoint of a GRPOTrainer --rollouts U.jsonl")
     if not (args.adapter or args.checkpoint):
@@ -136,7 +76,9 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def optimizer_state(args: argparse.Namespace):
-    """The optimizer state matched to the adapter, read before the model loads."""
+    """The optimizer state matched to the adapter, read before the model loads, as an `AdamState`
+    (whose `step` is the next one)."""
+    from .optim_step import AdamState
     from .optimizer_state import adapter_shapes, check_lr, read_optimizer_state
 
     adapter = Path(args.adapter or args.checkpoint)
@@ -144,7 +86,7 @@ def optimizer_state(args: argparse.Namespace):
     source = args.checkpoint or args.optimizer_state or adapter / "optimizer.pt"
     state = read_optimizer_state(source, shapes)
     lr = check_lr(args.lr, state.lr, force=args.force_lr)
-    return state, state.preconditioner(), lr, shapes
+    return state, AdamState.from_state_dict(state.state_dict, state.names), lr, shapes
 
 
 def check_adapter_fits(shapes: dict[str, tuple[int, ...]], model_dir: Path, adapter_dir: Path) -> None:
@@ -187,11 +129,12 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
     error early; then it keeps its contiguous shard of E and U and runs the probe; the
     collectives make the result global and identical, and rank 0 alone prints and writes."""
     from . import report
+    from .cli_check import eos_token_ids, finish, run_check
     from .model import load_model
     from .probe import probe
 
     say = report.Progress(quiet=args.quiet or rank != 0)
-    state, pre, lr, shapes = optimizer_state(args)
+    state, adam, lr, shapes = optimizer_state(args)
     say(state.order)
     model_dir = Path(args.model)
     vocab, tokenizer = vocab_size_of(model_dir), tokenizer_of(model_dir)
@@ -204,11 +147,15 @@ def run_ranked(args: argparse.Namespace, rank: int, world: int) -> int:
                        device=device)  # fmt: skip
     if list(model.lora) != list(shapes):  # the order every positional state was matched against
         raise ValueError(f"{args.adapter or args.checkpoint}: the model's LoRA order differs from the adapter file's")
-    result = probe(model, model.lora, E, U, preconditioner=pre, eta=lr, method=args.method,
-                   microbatch=args.microbatch, progress=say, distributed=world > 1, x_estimator=args.x_estimator)  # fmt: skip
-    check = first_order(model, model.lora, E, U, pre, lr, say) if args.first_order else None
+    result = probe(model, model.lora, E, U, optimizer=adam, lr=lr, method=args.method,
+                   microbatch=args.microbatch, progress=say, distributed=world > 1,
+                   x_estimator=args.x_estimator)  # fmt: skip
+    check, settings = None, None
+    if args.first_order:  # one process (check_paths): E and U are whole
+        check, settings = run_check(model, model.lora, E, U, adam, result, args, say, lr=lr,
+                                    eos_token_id=eos_token_ids(model_dir))  # fmt: skip
     if rank == 0:
-        finish(args, result, check, say, state.order)
+        finish(args, result, check, settings, say, state.order)
     return 0
 
 
@@ -238,6 +185,8 @@ def checked_rollouts(path: str, tokenizer, vocab_size: int, flag: str):
 
 
 def parser() -> argparse.ArgumentParser:
+    from .cli_check import add_options as add_check_options
+
     p = argparse.ArgumentParser(
         prog="functional-probe",
         description="First-order entropy probe of one RL step: δH₁ ± SE, the predicted change of the "
@@ -245,9 +194,14 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="the whole probe on the embedded tiny NF4 model")
-    d.add_argument("--prompts", type=int, default=8, help="prompts in each of E and U")
+    d.add_argument("--prompts", type=int, default=64, help=f"prompts in each of E and U ({DEMO_GROUP} responses each)")
     d.add_argument("--steps", type=int, default=3, help="AdamW steps before probing")
-    d.add_argument("--lr", type=float, default=1e-3, help="AdamW lr, also the probed step size η")
+    d.add_argument("--lr", type=float, default=None,
+                   help="AdamW lr, also the probed step size η (default: 1e-2 tiny, 1e-3 smollm2-135m)")  # fmt: skip
+    d.add_argument("--model", default="tiny", choices=["tiny", "smollm2-135m"], help="tiny: the embedded NF4 model; "
+                   "smollm2-135m: SmolLM2-135M-Instruct on arithmetic (fetch-model builds it on first use)")  # fmt: skip
+    d.add_argument("--samples", type=int, default=4, help="smollm2-135m: responses sampled per prompt")
+    d.add_argument("--max-new-tokens", type=int, default=32, help="smollm2-135m: response length cap (= Lmax)")
     r = sub.add_parser("run", help="the probe on local checkpoints")
     r.add_argument("--model", required=True, help="Hugging Face model directory (its tokenizer reads text)")
     r.add_argument("--adapter", help="PEFT LoRA adapter directory (default: --checkpoint's)")
@@ -263,10 +217,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rollouts", help="with --checkpoint of a GRPOTrainer: the next step's generation batch "
                    "(JSONL, raw rewards or TRL's advantages); the step is TRL's loss + the saved optimizer")  # fmt: skip
     r.add_argument("--microbatch", type=int, default=None)
-    for q, command in ((d, demo), (r, run)):
+    for q, command, check_samples in ((d, demo, 64), (r, run, 16)):
         q.set_defaults(func=command)
-        q.add_argument("--first-order", action="store_true",
-                       help="also check where the linear prediction holds (table + PNG)")  # fmt: skip
+        add_check_options(q, check_samples)
         q.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
         q.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the model")
         q.add_argument("--method", default="jvp", choices=["jvp", "vjp", "func_jvp", "vmap", "loop"])

@@ -46,10 +46,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         check_paths,
         checked_rollouts,
         device_and_dtype,
-        finish,
         tokenizer_of,
         vocab_size_of,
     )
+    from .cli_check import finish
     from .model import load_model
     from .optimizer_state import check_lr
     from .trainer_checkpoint import read_trainer_checkpoint
@@ -78,7 +78,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                            max_grad_norm=ckpt.max_grad_norm, lr=lrs, num_groups=len(U), method=args.method,
                            microbatch=args.microbatch, progress=say, x_estimator=args.x_estimator)  # fmt: skip
     result = probed.result
-    finish(args, result, None, say, ckpt.order)
+    finish(args, result, None, None, say, ckpt.order)
     return 0
 
 

@@ -48,7 +48,7 @@ def step_derivatives(
     check_same_keys_and_shapes({k: v.shape for k, v in lora.items()}, step, what="step", owner="lora")
     temperature = check_temperature(temperature)
     batch = prepared(model, batch)
-    step = {k: v.to(lora[k].dtype) for k, v in step.items()}
+    step = {k: step[k].to(lora[k].dtype) for k in lora}  # in lora's key order: jvp matches trees by structure
     parts = []
     for part in batch.split(microbatch or len(batch)):
 

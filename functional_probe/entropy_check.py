@@ -9,7 +9,10 @@ per-token entropy rate with Lmax fixed.
 The fit: over the first-order range — scales s ≤ s* (where |δH₂| reaches `fraction`·|δH₁|) whose
 realized change is resolved (|ΔH| > 2 SE) with the sign of the prediction — the least-squares line
 log|ΔH(s)| = a + slope·log|δH₁(s)|, with its R². First order holds when slope ≈ 1 and R² ≈ 1; a
-slope far from 1 at small s says the linearisation is wrong, not noisy.
+slope far from 1 at small s says the linearisation is wrong, not noisy. s* bounds the fit only when
+the curvature itself is resolved (|d²H/ds²| > 2 SE): an s* made of noise would cut the range at
+random, so without a resolved curvature every resolved scale enters and the slope alone says
+whether the change stays linear.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from torch import Tensor
 
 from .batch import Batch
-from .curvature import curvature
+from .curvature import Curvature, curvature
 from .model import FunctionalModel
 from .realized import realized_entropy_change
 from .validation import check_step_size
@@ -50,14 +53,17 @@ class EntropyCheckPoint:
 @dataclass(frozen=True)
 class EntropyCheck:
     """The check across `points`; per estimator the fit's `slope`, `r2` and the `fit_scales` it
-    used (None / [] when fewer than 3 points qualify); `s_star` the edge of the first-order range
-    (None when d²H/ds² = 0); `probed_scale` the step the probe reports (1.0)."""
+    used (None / [] when fewer than 3 points qualify); `s_star` ± `s_star_se` the edge of the
+    first-order range (None when d²H/ds² = 0), `s_star_resolved` whether d²H/ds² is resolved at
+    RESOLVED_SE (only then does s* bound the fit); `probed_scale` the step the probe reports (1.0)."""
 
     points: list[EntropyCheckPoint]
     estimators: list[str]
     delta_h1: float
     delta_h1_se: float
     s_star: float | None
+    s_star_se: float | None
+    s_star_resolved: bool
     fraction: float
     slope: dict[str, float | None]
     r2: dict[str, float | None]
@@ -79,7 +85,13 @@ def loglog_fit(predicted: Sequence[float], realized: Sequence[float]) -> tuple[f
     return float(slope), (1.0 - float((residual**2).sum()) / total) if total > 0 else math.nan
 
 
+def fit_edge(curv: Curvature) -> float | None:
+    """s* when the curvature d²H/ds² is resolved at RESOLVED_SE (then it bounds the fit), else None."""
+    return curv.s_star if curv.s_star is not None and abs(curv.d2) > RESOLVED_SE * curv.d2_se else None
+
+
 def in_range(p: EntropyCheckPoint, name: str, s_star: float | None) -> bool:
+    """Resolved at RESOLVED_SE with the predicted sign, and s ≤ s* (`s_star` None: no bound)."""
     value, se = p.realized[name], p.realized_se[name]
     first_order = s_star is None or p.scale <= s_star
     return first_order and abs(value) > RESOLVED_SE * se and value * p.predicted > 0
@@ -102,7 +114,8 @@ def entropy_check(
     """Predicted against realized entropy change along θ + s·`step` for each s in `scales` (> 0).
 
     `delta_h1`, `delta_h1_se`: the probe's δH₁ ± SE of this step (s = 1), e.g. `ProbeResult.delta_h1`
-    and `.se` when `step` is the probe's Δθ; default: dH/ds at s = 0 from E's responses
+    and `.se_conditional` (E's sampling only: along a given step U's noise plays no part) when
+    `step` is the probe's Δθ; default: dH/ds at s = 0 from E's responses
     (`curvature`'s d1 ± SE). δH₂ and s* come from `curvature` on E. `sampling`: passed to
     `realized_entropy_change` (samples_per_prompt, eos_token_id, max_new_tokens, seed, top_k, ...).
     """
@@ -128,13 +141,15 @@ def entropy_check(
             realized={e: rp.estimates[e].value for e in estimators}, realized_se={e: rp.estimates[e].se for e in estimators},
         ))  # fmt: skip
     slope, r2, used = {}, {}, {}
+    edge = fit_edge(curv)
     for e in estimators:
-        good = [p for p in points if in_range(p, e, curv.s_star)]
+        good = [p for p in points if in_range(p, e, edge)]
         used[e] = [p.scale for p in good]
         fit = loglog_fit([p.predicted for p in good], [p.realized[e] for p in good]) if len(good) >= 3 else (None, None)
         slope[e], r2[e] = fit
     return EntropyCheck(points=points, estimators=estimators, delta_h1=d1, delta_h1_se=d1_se, s_star=curv.s_star,
-                        fraction=float(fraction), slope=slope, r2=r2, fit_scales=used)  # fmt: skip
+                        s_star_se=curv.s_star_se, s_star_resolved=edge is not None, fraction=float(fraction), slope=slope,
+                        r2=r2, fit_scales=used)  # fmt: skip
 
 
 def check_finite(x: float, name: str) -> float:

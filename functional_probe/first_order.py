@@ -74,12 +74,12 @@ class FirstOrderCheck:
 def frozen_surrogate(model: FunctionalModel, batch: Batch, lora: Mapping[str, Tensor], weighting: str):
     """θ' ↦ mean_n Lx[n](θ') with the leave-one-out coefficients fixed at `lora` (float64)."""
     with torch.no_grad():
-        S0 = sequence_logprobs(model, lora, batch).double()
+        S0 = sequence_logprobs(model, lora, batch, derivatives=False).double()
         c = torch.func.grad(lambda S: x_losses(S, batch, weighting=weighting).sum())(S0) * -S0.shape[1]
 
     def value(theta: Mapping[str, Tensor]) -> float:
         with torch.no_grad():
-            S = sequence_logprobs(model, theta, batch).double()
+            S = sequence_logprobs(model, theta, batch, derivatives=False).double()
         return float(-(c * S).mean(1).mean())
 
     # independent fp32 roundings of the N·G terms c·S, averaged: eps·sqrt(Σ(c·S)²)/(N·G)

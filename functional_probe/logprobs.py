@@ -19,8 +19,9 @@ from torch import Tensor
 from .batch import Batch
 from .head import chunked_logprobs
 from .model import FunctionalModel
-from .model.fast_primal import fast_sequence_logprobs, plain_call
-from .model.kernels import PLAIN, Kernels
+from .model.fast_primal import fast_sequence_logprobs
+from .model.kernels import PLAIN, Kernels, transform_active
+from .model.packing import Packing, needed
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -77,20 +78,26 @@ def sequence_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     kernels: Kernels = PLAIN,
+    derivatives: bool = True,
 ) -> Tensor:
     """S [N, G] in at least fp32 (nats), summed over response tokens only; pure in `lora`.
 
     A row's S does not depend on its batch or padding: positions come from the mask and
     padded targets are masked out. Memory of the head: see `token_logprobs`. `kernels`:
     PLAIN composes with every transform; `model.kernels.first_order_kernels` is for
-    first-order reverse (grad, vmap(grad)) and no-grad passes. Under no_grad, outside
-    torch.func transforms, it runs the merged-LoRA fast primal (model/fast_primal.py).
+    first-order reverse (grad, vmap(grad)) and no-grad passes. `derivatives=False` says the
+    caller takes no derivative of S (realized-ΔH sweeps, first-order checks): then the merged-LoRA
+    no-graph fast primal runs (model/fast_primal.py; `kernels` unused) and S carries no graph;
+    under a torch.func transform that raises ValueError.
     """
     temperature = check_temperature(temperature)
     batch = prepared(model, batch)
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask)
     kw = dict(prompt_end=batch.prompt_end, temperature=temperature, chunk_tokens=chunk_tokens)
-    if not torch.is_grad_enabled() and plain_call(lora):  # no graph wanted: the merged fast primal
+    if not derivatives:
+        if transform_active(lora):
+            raise ValueError("sequence_logprobs(derivatives=False) under a torch.func transform or forward AD; "
+                             "expected derivatives=True there")  # fmt: skip
         return fast_sequence_logprobs(model, lora, *args, **kw)
     return grouped_logprobs(model, lora, *args, **kw, kernels=kernels)
 
@@ -133,24 +140,23 @@ def sequence_logprobs_and_tangent(
 ) -> tuple[Tensor, Tensor]:
     """(S, Ṡ), both [N, G]: S and its derivative d/dε S(lora + ε·direction), by the dual forward.
 
-    One pass carrying primal and tangent (no autograd graph); the head runs on response
+    One pass carrying primal and tangent (no autograd graph) over the needed tokens only (pads and
+    what follows a row's last response token skipped, model/packing.py); the head runs on response
     positions only, `chunk_tokens` rows at a time, and never forms tangent logits.
     """
-    from .model.dual import dual_hidden_states, head_logprobs_tangent
+    from .model.dual import dual_tokens, head_logprobs_tangent
 
     temperature = check_temperature(temperature)
     batch = prepared(model, batch)
-    n, g, p = batch.num_prompts, batch.group_size, batch.prompt_end
+    n, g = batch.num_prompts, batch.group_size
     flat = lambda t: t.reshape(n * g, -1)  # noqa: E731  [N·G, T]
     ids = flat(batch.input_ids)
-    hidden, hidden_dot = dual_hidden_states(
-        model, lora, direction, ids, flat(batch.attention_mask), flat(batch.position_ids)
-    )  # [R, T, D] each
-    rows, cols = flat(batch.response_mask)[:, p:].nonzero(as_tuple=True)  # M response tokens
+    keep, head_rows, rows, cols = needed(flat(batch.attention_mask), flat(batch.response_mask), batch.prompt_end)
+    packing = Packing.of(keep, flat(batch.position_ids))
+    hidden, hidden_dot = dual_tokens(model, lora, direction, ids, packing, last=head_rows)  # [M, D] each
     logp, logp_dot = head_logprobs_tangent(
-        hidden[:, p - 1 : -1][rows, cols], hidden_dot[:, p - 1 : -1][rows, cols], model.head_weight,
-        ids[:, p:][rows, cols], temperature=temperature, chunk_size=chunk_tokens,
-    )  # fmt: skip
+        hidden, hidden_dot, model.head_weight, ids[rows, cols + 1], temperature=temperature, chunk_size=chunk_tokens
+    )
     S = logp.new_zeros(n * g).index_add_(0, rows, logp)
     S_dot = logp_dot.new_zeros(n * g).index_add_(0, rows, logp_dot)
     return S.reshape(n, g), S_dot.reshape(n, g)

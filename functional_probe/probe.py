@@ -150,7 +150,7 @@ def probe(
     step="optimizer" (given `optimizer=`): Δθ is the exact next step of the optimizer (torch
     Adam/AdamW, bitsandbytes Adam-family; live with `named_params=`, or an `AdamState` read from
     a saved state) for p.grad = −g_U, g_U = mean_p ∇Ly[p] (the trainer minimises −Ly, as
-    `cli.adamw_state` does), after clip_grad_norm_(`max_grad_norm`), at the groups' current lr
+    `cli_demo.adamw_state` does), after clip_grad_norm_(`max_grad_norm`), at the groups' current lr
     (or `lr=`, see `AdamState.step`); weight decay acts on `lora`. δH₁ = <μX, Δθ>, η = the first
     group's lr, μY = Δθ/η, s_n = <X_n, μY>. Δθ depends on U non-linearly (m, v, clipping), so V_Y
     is linearised: t_p = <∇Ly[p], −Jᵀ μX>/η, J = ∂Δθ/∂p.grad = diag(D) + the clipping factor's

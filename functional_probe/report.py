@@ -1,4 +1,4 @@
-"""What the numbers mean: a verdict on δH₁, tables as strings, the JSON, the first-order plot.
+"""What the numbers mean: a verdict on δH₁, tables as strings, the JSON, the entropy-check plot.
 
 δH₁ = η·<μX, μY> is the first-order change of the per-token entropy rate (nats per token: the
 sequence entropy over Lmax, averaged over the evaluation prompts) that the step
@@ -17,11 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .entropy_check import EntropyCheck
-from .first_order import TOLERANCE, FirstOrderCheck, FirstOrderPoint
+from .entropy_check import RESOLVED_SE, EntropyCheck
 from .probe import ProbeResult
 
 RESOLVE_AT = 2.0  # standard errors
+SLOPE_TOLERANCE = 0.25  # the entropy check confirms first order when |slope − 1| ≤ this ...
+R2_MIN = 0.9  # ... and R² ≥ this, over at least 3 resolved scales within s*
 
 # Field descriptions of the JSON (README "How to read the result" repeats them).
 UNITS = {
@@ -62,8 +63,8 @@ class Verdict:
         direction: "raises" / "lowers" the entropy when resolved, else "unresolved".
         prompts_needed_E, prompts_needed_U: prompts each batch needs for |δH₁| = 2·SE at the
             measured variances (the current counts when already resolved; None if δH₁ = 0).
-        first_order_ratio: actual/predicted change at the probed η (None: check not run).
-        warnings: one line each (η outside the first-order range, SE = 0, ...).
+        first_order: the entropy check's one-line verdict (None: check not run).
+        warnings: one line each (the probed step past the first-order range, SE = 0, ...).
     """
 
     z: float
@@ -71,13 +72,13 @@ class Verdict:
     direction: str
     prompts_needed_E: int | None
     prompts_needed_U: int | None
-    first_order_ratio: float | None
+    first_order: str | None
     warnings: list[str]
 
 
-def verdict(r: ProbeResult, check: FirstOrderCheck | None = None) -> Verdict:
-    """The verdict on `r`; with `check` (run at the probe's η), a warning when η is past the
-    range where the first-order picture holds."""
+def verdict(r: ProbeResult, check: EntropyCheck | None = None) -> Verdict:
+    """The verdict on `r`; with `check` (the entropy check along the probe's step), its one-line
+    verdict and a warning when the probed step lies past the first-order range."""
     warnings = []
     if r.se > 0:
         z = r.delta_h1 / r.se
@@ -90,27 +91,34 @@ def verdict(r: ProbeResult, check: FirstOrderCheck | None = None) -> Verdict:
     else:
         k = max((RESOLVE_AT * r.se / abs(r.delta_h1)) ** 2, 1.0)
         need_e, need_u = math.ceil(k * r.B_E), math.ceil(k * r.B_U)
-    ratio = None
-    if check is not None and check.probed is not None:
-        ratio = check.probed.ratio
-        warnings += first_order_warnings(check)
+    line = None
+    if check is not None:
+        line, more = check_verdict(check)
+        warnings += more
     direction = ("raises" if z > 0 else "lowers") if resolved else "unresolved"
-    return Verdict(z, resolved, direction, need_e, need_u, ratio, warnings)
+    return Verdict(z, resolved, direction, need_e, need_u, line, warnings)
 
 
-def first_order_warnings(check: FirstOrderCheck) -> list[str]:
-    p = check.probed
-    if not check.usable(p):
-        return [f"at η = {p.eta:.3g} the predicted change is within 10x the fp32 noise floor "
-                f"({check.noise_floor:.2g} nats/token): the first-order check cannot confirm it"]  # fmt: skip
-    if check.holds(p):
-        return []
-    span = check.linear_range()
-    where = (f"it holds for η in [{span[0]:.3g}, {span[1]:.3g}]: probe an lr in that range, or"
-             if span else "it held at no step checked above the noise floor:")  # fmt: skip
-    return [f"η = {p.eta:.3g} is outside the range where the first-order picture holds: the actual change "
-            f"is {p.ratio:.3g}x the predicted (tolerance ±{TOLERANCE:.0%}); {where} read δH₁ as the slope "
-            "at θ, not as this step's change"]  # fmt: skip
+def check_verdict(check: EntropyCheck) -> tuple[str, list[str]]:
+    """(one line on the entropy check, warnings): does the realized change grow like s·δH₁ over
+    the first-order range (the fit of the estimator "rb" if fitted, else the first fitted one),
+    and does the probed step lie inside that range (s* ≥ 1)?"""
+    warnings = []
+    if check.s_star_resolved and check.s_star < check.probed_scale:
+        warnings.append(f"the probed step lies past the first-order range: s* = {check.s_star:.3g} < 1 (|δH₂| "
+                        f"reaches {check.fraction:.0%} of |δH₁| there); read δH₁ as the slope at θ, not as this "
+                        "step's change")  # fmt: skip
+    fitted = [e for e in check.estimators if check.slope[e] is not None]
+    if not fitted:
+        return ("not resolved: no estimator has 3 scales within s* whose realized change is resolved at "
+                f"{RESOLVED_SE:g} SE with the predicted sign (more prompts, or --check-samples)", warnings)  # fmt: skip
+    e = "rb" if "rb" in fitted else fitted[0]
+    fit = f"{e}: slope {check.slope[e]:.2f}, R² {check.r2[e]:.3f} over {len(check.fit_scales[e])} scales"
+    if abs(check.slope[e] - 1) <= SLOPE_TOLERANCE and check.r2[e] >= R2_MIN:
+        return f"first order holds: the realized change grows like s·δH₁ ({fit})", warnings
+    warnings.append(f"the realized change does not grow like s·δH₁ ({fit}; first order means slope 1 ± "
+                    f"{SLOPE_TOLERANCE:g} with R² ≥ {R2_MIN:g})")  # fmt: skip
+    return f"first order not confirmed ({fit})", warnings
 
 
 def format_probe(r: ProbeResult, v: Verdict | None = None) -> str:
@@ -150,29 +158,55 @@ def verdict_line(r: ProbeResult, v: Verdict) -> str:
             f"needs about {v.prompts_needed_E} prompts in E and {v.prompts_needed_U} in U")  # fmt: skip
 
 
-def result_json(r: ProbeResult, v: Verdict, check: FirstOrderCheck | None = None,
-                optimizer_state: str | None = None) -> str:  # fmt: skip
-    """The ProbeResult fields, plus `verdict`, `units`, `first_order` (if run) and how the
-    optimizer state was matched (`optimizer_state`). `ProbeResult.from_json` reads it back."""
-    out = asdict(r) | {"verdict": asdict(v), "units": UNITS}
-    if check is not None:
-        out["first_order"] = check.to_dict()
+def result_json(r: ProbeResult, v: Verdict, extra: dict | None = None, optimizer_state: str | None = None) -> str:
+    """The ProbeResult fields, plus `verdict`, `units`, `extra` (e.g. {"entropy_check": ...}) and
+    how the optimizer state was matched (`optimizer_state`). `ProbeResult.from_json` reads it back."""
+    out = asdict(r) | {"verdict": asdict(v), "units": UNITS} | (extra or {})
     if optimizer_state is not None:
         out["optimizer_state"] = optimizer_state
     return json.dumps(out, indent=2)
 
 
-def format_first_order(check: FirstOrderCheck) -> str:
-    head = f"{'‖ηΔ‖/‖θ‖':>10} {'η':>11} {'predicted':>12} {'actual':>12} {'actual/pred':>11}"
-    lines = [f"first-order check: change of the X surrogate (nats/token) along θ + η·μY, "
-             f"<μX, μY> = {check.bars_dot:+.6g}; fp32 noise floor {check.noise_floor:.2g}", head]  # fmt: skip
-    points = sorted(check.points + ([check.probed] if check.probed else []), key=lambda p: p.eta)
-    for p in points:
-        mark = "  <- probed η" if p is check.probed else ""
-        mark += "" if check.usable(p) else "  (near the noise floor)"
-        lines.append(f"{p.relative_step:>10.1e} {p.eta:>11.3e} {p.predicted:>12.5g} {p.actual:>12.5g} "
-                     f"{p.ratio:>11.4f}{mark}")  # fmt: skip
+def format_entropy_check(check: EntropyCheck, settings: Mapping | None = None) -> str:
+    """The entropy check as a table: per scale s the relative step ‖s·Δθ‖/‖θ‖, the prediction
+    s·δH₁ ± SE, δH₁ + δH₂ ± SE and the realized ΔH ± SE per estimator (* = in the fit), the probed
+    step marked; then each estimator's fit, s* and the one-line verdict. Nats per token."""
+    pm = lambda v, se: f"{v:+.3e} ± {se:.1e}"  # noqa: E731
+    head = f"{'s':>7} {'‖sΔθ‖/‖θ‖':>10}  {'predicted s·δH₁':<21} {'δH₁ + δH₂':<21}"
+    head += "".join(f" {'realized ' + e:<22}" for e in check.estimators)
+    lines = ["entropy check along θ + s·Δθ (Δθ the optimizer's exact next step, s = 1 the probed step): "
+             "change of the per-token entropy rate, nats/token", head]  # fmt: skip
+    for p in check.points:
+        rel = "n/a" if p.relative_step is None else f"{p.relative_step:.1e}"
+        row = f"{p.scale:>7.4g} {rel:>10}  {pm(p.predicted, p.predicted_se):<21} {pm(p.predicted_2, p.predicted_2_se):<21}"
+        for e in check.estimators:
+            row += f" {pm(p.realized[e], p.realized_se[e]) + (' *' if p.scale in check.fit_scales[e] else ''):<22}"
+        lines.append((row + ("  <- probed step" if p.scale == check.probed_scale else "")).rstrip())
+    for e in check.estimators:
+        n = len(check.fit_scales[e])
+        fit = (f"slope {check.slope[e]:.3f}, R² {check.r2[e]:.4f} over {n} scales" if check.slope[e] is not None
+               else f"no fit ({n} of {len(check.points)} scales qualify, 3 needed)")  # fmt: skip
+        lines.append(f"fit of log|ΔH| on log|s·δH₁|, {e}: {fit}")
+    lines.append(f"s* = {edge_text(check)}; the fit (*) uses the scales resolved at {RESOLVED_SE:g} SE with "
+                 "the predicted sign, s ≤ s* when s* is resolved")  # fmt: skip
+    if settings:
+        lines.append(f"realized: {settings['samples_per_prompt']} fresh responses per prompt for each of E's "
+                     f"{settings['prompts']} prompts at θ and each θ + s·Δθ (same random numbers), temperature "
+                     f"{settings['temperature']:g}; predicted: the probe's δH₁ from E's own responses ± its SE "
+                     f"given U; {settings['seconds']:.1f} s")  # fmt: skip
+    lines.append(f"first-order verdict: {check_verdict(check)[0]}")
     return "\n".join(lines)
+
+
+def edge_text(check: EntropyCheck) -> str:
+    """s* ± SE and what it means, or why it does not bound the fit."""
+    if check.s_star is None:
+        return "none (d²H/ds² = 0)"
+    what = (f"{check.s_star:.3g} ± {check.s_star_se:.2g}: where |δH₂| reaches {check.fraction:.0%} of |δH₁|, the "
+            "edge of the first-order range")  # fmt: skip
+    if check.s_star_resolved:
+        return what
+    return f"{what}, not resolved (d²H/ds² within {RESOLVED_SE:g} SE of 0): no bound on the fit"
 
 
 def plot_change(ax, etas: Sequence[float], values: Sequence[float], label: str, color: str) -> None:
@@ -193,60 +227,39 @@ def save_change_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("|change of the per-token entropy rate| (nats/token)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, off the data
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_first_order(check: FirstOrderCheck, path: Path,
-                     extra: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> None:  # fmt: skip
-    """Predicted and actual change against the step η (log-log, |value|; ▲ > 0, ▽ < 0), the
-    probed η marked, the fp32 noise floor drawn. `extra`: more series {label: (etas, values)}
-    (e.g. a realized entropy change) drawn the same way. Writes a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points: list[FirstOrderPoint] = sorted(check.points + ([check.probed] if check.probed else []),
-                                           key=lambda p: p.eta)  # fmt: skip
-    etas = [p.eta for p in points]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    plot_change(ax, etas, [p.predicted for p in points], "predicted  η·<μX, μY>", "C0")
-    plot_change(ax, etas, [p.actual for p in points], "actual (X surrogate re-evaluated at θ + η·μY)", "C1")
-    for i, (label, (xs, ys)) in enumerate((extra or {}).items()):
-        plot_change(ax, xs, ys, label, f"C{i + 2}")
-    if check.noise_floor > 0:
-        ax.axhline(check.noise_floor, color="gray", ls=":", lw=1,
-                   label=f"fp32 noise floor {check.noise_floor:.1g}: below it, rounding of S")  # fmt: skip
-    if check.probed is not None:
-        ax.axvline(check.probed.eta, color="k", ls="--", lw=0.8, label=f"probed η = {check.probed.eta:.3g}")
-    save_change_plot(fig, ax, "step size η (θ → θ + η·μY)",
-                     "Where the first-order prediction holds (the curves coincide)", path)  # fmt: skip
-
-
 def plot_entropy_check(check: EntropyCheck, path: Path) -> None:
     """Predicted δH₁(s), δH₁(s) + δH₂(s) and the realized ΔH(s) per estimator against the scale s of
     the step (log-log, |value| with ±SE bars; ▲ > 0, ▽ < 0), the probed step s = 1 and the edge of
-    the first-order range s* marked, the fit's slope and R² in the legend. Writes a PNG."""
+    the first-order range s* marked, the fit's slope and R² in the legend, and each estimator's
+    noise floor (RESOLVED_SE × its SE, dotted: a realized change below it is not resolved). Writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     s = [p.scale for p in check.points]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    plot_change(ax, s, [p.predicted for p in check.points], "predicted δH₁(s) = s·δH₁", "C0")
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    plot_change(ax, s, [p.predicted for p in check.points], "predicted δH₁(s) = s·δH₁ (± SE)", "C0")
+    ax.errorbar(s, [abs(p.predicted) for p in check.points], yerr=[p.predicted_se for p in check.points],
+                fmt="none", ecolor="C0", lw=0.8)  # fmt: skip
     plot_change(ax, s, [p.predicted_2 for p in check.points], "predicted δH₁ + δH₂", "C4")
     for i, e in enumerate(check.estimators):
         values, ses = [p.realized[e] for p in check.points], [p.realized_se[e] for p in check.points]
         fit = "" if check.slope[e] is None else f": slope {check.slope[e]:.2f}, R² {check.r2[e]:.3f}"
-        plot_change(ax, s, values, f"realized ΔH(s), {e}{fit}", f"C{i + 1}")
+        plot_change(ax, s, values, f"realized ΔH(s), {e}{fit} (± SE)", f"C{i + 1}")
         ax.errorbar(s, [abs(v) for v in values], yerr=ses, fmt="none", ecolor=f"C{i + 1}", lw=0.8)
+        ax.loglog(s, [RESOLVED_SE * se for se in ses], ":", color=f"C{i + 1}", lw=1,
+                  label=f"noise floor of {e}: {RESOLVED_SE:g}·SE")  # fmt: skip
     ax.axvline(check.probed_scale, color="k", ls="--", lw=0.8, label="the probed step (s = 1)")
     if check.s_star is not None:
         ax.axvline(check.s_star, color="gray", ls=":", lw=1,
-                   label=f"s* = {check.s_star:.3g}: |δH₂| = {check.fraction:g}·|δH₁|")  # fmt: skip
+                   label=f"s* = {check.s_star:.3g}: |δH₂| = {check.fraction:g}·|δH₁|"
+                   + ("" if check.s_star_resolved else " (unresolved)"))  # fmt: skip
     save_change_plot(fig, ax, "scale s of the step (θ → θ + s·Δθ)",
                      "Does δH₁ come true? (on the line where the curves coincide)", path)  # fmt: skip

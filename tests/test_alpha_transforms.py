@@ -43,19 +43,38 @@ def finite_difference(setup, u, eps=1e-5):
     return (s(eps) - s(-eps)) / (2 * eps)
 
 
-def test_jvp_under_grad_autograd_and_jvp_equals_finite_differences(setup):
+@pytest.fixture(scope="module")
+def along(setup):
+    """(u, total, fd): a second direction u, θ ↦ Σ_n s_n(θ) of the Y loss, and its FD derivative along u."""
     _, lora, _, direction = setup
     u = random_direction(lora, seed=10)
     fd = finite_difference(setup, u)
-    total = lambda lo: projections(setup, lo, direction, "y").sum()  # noqa: E731
-    g = torch.func.grad(total)(lora)
-    tracked = {k: v.clone().requires_grad_() for k, v in lora.items()}
-    auto = torch.autograd.grad(total(tracked), list(tracked.values()))
-    _, tangent = torch.func.jvp(total, (lora,), (u,))
     assert fd.abs() > 1e-3
-    for got in (
-        sum((g[k] * u[k]).sum() for k in lora),
-        sum((a * u[k]).sum() for a, k in zip(auto, tracked, strict=True)),
-        tangent,
-    ):
-        assert abs(got - fd) <= 1e-6 * fd.abs()
+    return u, (lambda lo: projections(setup, lo, direction, "y").sum()), fd
+
+
+def test_jvp_under_torch_func_grad_equals_finite_differences(setup, along):
+    u, total, fd = along
+    g = torch.func.grad(total)(setup[1])
+    assert abs(sum((g[k] * u[k]).sum() for k in g) - fd) <= 1e-6 * fd.abs()
+
+
+def test_jvp_under_torch_func_jvp_equals_finite_differences(setup, along):
+    u, total, fd = along
+    _, tangent = torch.func.jvp(total, (setup[1],), (u,))
+    assert abs(tangent - fd) <= 1e-6 * fd.abs()
+
+
+def test_jvp_under_autograd_equals_finite_differences(setup, along):
+    """Plain reverse mode: the dual runs eagerly (DualProjections), its backward is the composable path's."""
+    u, total, fd = along
+    tracked = {k: v.clone().requires_grad_() for k, v in setup[1].items()}
+    value = total(tracked)
+    nodes, seen = [value.grad_fn], set()
+    while nodes:  # the autograd graph reaches the dual's Function, not a recorded func_jvp
+        node = nodes.pop()
+        seen.add(type(node).__name__)
+        nodes += [f for f, _ in node.next_functions if f is not None]
+    assert "DualProjectionsBackward" in seen
+    auto = torch.autograd.grad(value, list(tracked.values()))
+    assert abs(sum((a * u[k]).sum() for a, k in zip(auto, tracked, strict=True)) - fd) <= 1e-6 * fd.abs()

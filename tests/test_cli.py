@@ -12,21 +12,20 @@ import torch
 import functional_probe as fp
 from functional_probe.cli import main
 from functional_probe.optimizer_state import save_optimizer_state
-from functional_probe.probe import ProbeResult, probe
+from functional_probe.probe import probe
 from functional_probe.rollouts import Rollouts, read_rollouts, write_rollouts
 
 
-def test_demo_runs_and_writes_json_with_its_verdict(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "functional_probe", "demo", "--quiet", "--prompts", "4",
-                          "--device", "cpu", "--out", str(tmp_path / "r.json")],
-                         capture_output=True, text=True)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "nats/token" in out.stdout and "verdict" in out.stdout and "SE(δH₁)" in out.stdout
-    assert "gemm_4bit_forward" not in out.stderr
-    r = ProbeResult.from_json((tmp_path / "r.json").read_text())
-    assert r.B_E == 4 and r.B_U == 4 and r.se > 0
-    v = json.loads((tmp_path / "r.json").read_text())["verdict"]
-    assert v["resolved"] == (abs(r.delta_h1) >= 2 * r.se)
+@pytest.mark.parametrize(("option", "value", "needle"), [
+    ("--scales", "0.5,-1", "--scales '0.5,-1': '-1' is not a finite number > 0"),
+    ("--scales", "0.5,x", "'x' is not a finite number > 0"), ("--scales", "nan", "'nan' is not"),
+    ("--check-samples", "1", "--check-samples 1: expected an integer >= 2"),
+])  # fmt: skip
+def test_bad_check_options_exit_2_before_any_work(saved_run, tmp_path, capsys, no_model_load, monkeypatch, option,
+                                                  value, needle):  # fmt: skip
+    monkeypatch.setattr("functional_probe.model.tiny_model", no_model_load)
+    assert_usage_error(["demo", "--first-order", option, value], capsys, needle)
+    assert_usage_error(run_args(saved_run, tmp_path) + ["--first-order", option, value], capsys, needle)
 
 
 def layers_swapped(names):
@@ -36,7 +35,7 @@ def layers_swapped(names):
 @pytest.fixture(scope="module")
 def named_state(saved_run, tmp_path_factory):
     """An AdamW state over the adapter's parameters registered layer 1 first, saved with names,
-    and the preconditioner read from the live optimizer by parameter identity."""
+    and the state read from the live optimizer by parameter identity (`AdamState`)."""
     model = saved_run[3]
     root = tmp_path_factory.mktemp("named")
     params = {k: torch.nn.Parameter(model.lora[k].clone()) for k in layers_swapped(list(model.lora))}
@@ -47,7 +46,7 @@ def named_state(saved_run, tmp_path_factory):
     opt.step()
     save_optimizer_state(opt, params, root / "named.pt")
     torch.save(opt.state_dict(), root / "bare_swapped.pt")
-    return root, fp.AdamPreconditioner.from_optimizer(opt, params)
+    return root, fp.AdamState.from_optimizer(opt, params)
 
 
 def run_args(saved_run, tmp_path, **override):
@@ -60,8 +59,9 @@ def run_args(saved_run, tmp_path, **override):
 
 
 def test_permuted_named_state_and_evaluation_file_without_advantages(saved_run, named_state, tmp_path):
-    """The numbers equal the Python API's with the preconditioner read from the live optimizer:
-    the layer-swapped state is matched by name, not used by position."""
+    """The numbers equal the Python API's with the state read from the live optimizer (the exact
+    next step): the layer-swapped state is matched by name, not used by position. --first-order
+    writes the entropy check along that step: finite predictions and realized changes with SEs."""
     _, _, root, model = saved_run
     E = read_rollouts(root / "E.jsonl")
     write_rollouts(tmp_path / "E.jsonl", Rollouts(E.prompts, E.responses, E.advantages, has_advantages=False))
@@ -70,11 +70,21 @@ def test_permuted_named_state_and_evaluation_file_without_advantages(saved_run, 
     assert main(argv) == 0
     got = json.loads((tmp_path / "r.json").read_text())
     U = read_rollouts(root / "U.jsonl").to_batch()
-    ref = probe(model, model.lora, E.to_batch(), U, preconditioner=named_state[1], eta=1e-3)
+    ref = probe(model, model.lora, E.to_batch(), U, optimizer=named_state[1], lr=1e-3)
+    assert got["step"] == "optimizer"
     for key in ("bars_dot", "delta_h1", "V_X", "V_Y", "se", "se_conditional"):
         assert got[key] == pytest.approx(getattr(ref, key), rel=1e-6), key
     assert "matched by name" in got["optimizer_state"] and "another order" in got["optimizer_state"]
-    assert got["first_order"]["probed"]["eta"] == 1e-3 and "first_order_ratio" in got["verdict"]
+    check = got["entropy_check"]
+    assert [p["scale"] for p in check["points"]] == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0]
+    assert check["delta_h1"] == got["delta_h1"] and check["delta_h1_se"] == got["se_conditional"]
+    for p in check["points"]:
+        assert p["predicted"] == pytest.approx(p["scale"] * got["delta_h1"])
+        values = [p["predicted_se"], p["predicted_2"], p["predicted_2_se"], *p["realized"].values(),
+                  *p["realized_se"].values()]  # fmt: skip
+        assert set(p["realized"]) == {"crn", "rb"} and all(math.isfinite(x) for x in values), p
+    assert {"slope", "r2", "s_star", "fit_scales"} <= set(check) and check["settings"]["samples_per_prompt"] == 16
+    assert got["verdict"]["first_order"] is not None
     assert (tmp_path / "r.first_order.png").is_file()
 
 
@@ -112,12 +122,13 @@ def assert_usage_error(argv, capsys, *needles):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    """Errors must come before the model loads: loading raises here."""
+    """Errors must come before the model loads: loading raises here (returns the refusing stand-in)."""
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the input was validated")
 
     monkeypatch.setattr("functional_probe.model.load_model", refuse)
+    return refuse
 
 
 def test_missing_model_directory_exits_2(saved_run, tmp_path, capsys, no_model_load):
@@ -235,27 +246,19 @@ def test_force_lr_lets_a_far_lr_through(saved_run, tmp_path, capsys, monkeypatch
     assert "stopped at the model load" in capsys.readouterr().err  # the lr check passed
 
 
-def test_demo_runs_in_the_requested_dtype(tmp_path):
-    argv = ["demo", "--quiet", "--prompts", "2", "--steps", "1", "--device", "cpu", "--dtype", "float64",
-            "--out", str(tmp_path / "r.json")]  # fmt: skip
-    assert main(argv) == 0
-    r = ProbeResult.from_json((tmp_path / "r.json").read_text())
-    assert r.B_E == 2 and math.isfinite(r.delta_h1) and r.se > 0
-
-
 def test_x_estimator_reaches_the_probe_and_the_json(saved_run, named_state, tmp_path):
     """run --x-estimator rb gives the API's probe(x_estimator="rb"); the JSON and table carry the
-    estimator and the jackknife SE (for the preconditioned step, equal to se)."""
+    estimator and the jackknife SE (of the optimizer's exact step, which `run` probes)."""
     _, _, root, model = saved_run
     argv = run_args(saved_run, tmp_path, **{"--optimizer-state": named_state[0] / "named.pt"})
     assert main(argv + ["--x-estimator", "rb", "--device", "cpu"]) == 0
     got = json.loads((tmp_path / "r.json").read_text())
     E, U = read_rollouts(root / "E.jsonl").to_batch(), read_rollouts(root / "U.jsonl").to_batch()
-    ref = probe(model, model.lora, E, U, preconditioner=named_state[1], eta=1e-3, x_estimator="rb")
+    ref = probe(model, model.lora, E, U, optimizer=named_state[1], lr=1e-3, x_estimator="rb")
     for key in ("bars_dot", "delta_h1", "se", "se_jackknife"):
         assert got[key] == pytest.approx(getattr(ref, key), rel=1e-6), key
     assert got["x_estimator"] == "rb" and "se_jackknife" in got["units"]
-    assert got["se_jackknife"] == pytest.approx(got["se"], rel=1e-10)
+    assert got["step"] == "optimizer" and got["se_jackknife"] > 0
     from functional_probe.cli import parser
 
     assert parser().parse_args(["demo"]).x_estimator == "loo"

@@ -43,6 +43,18 @@ def test_second_derivative_equals_finite_differences_of_the_enumerated_entropy(e
     assert ((d1 - fd1).abs() / fd1.abs()).max() < 1e-5
 
 
+def test_a_step_keyed_in_another_order_gives_the_same_derivatives(enumerable_setup):
+    """An optimizer registered in another order gives its step dict in that order (AdamState.step):
+    the derivatives are those of the same step in the LoRA dict's order (finite differences above)."""
+    model, lora, step = enumerable_setup
+    batch = fp.make_batch(PROMPTS, [[[1, 2], [3, 2]]] * len(PROMPTS))
+    swapped = dict(reversed(list(step.items())))
+    assert list(swapped) != list(lora)
+    for got, want in zip(step_derivatives(model, lora, swapped, batch), step_derivatives(model, lora, step, batch),
+                         strict=True):  # fmt: skip
+        assert torch.equal(got, want) and float(want.abs().max()) > 0
+
+
 def test_first_derivative_is_the_gradient_of_the_enumerated_entropy_along_the_step(enumerable_setup):
     model, lora, step = enumerable_setup
     d1, _ = exact_derivatives(model, lora, step, PROMPTS)

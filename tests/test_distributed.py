@@ -298,16 +298,13 @@ def test_torchrun_two_ranks_gives_the_single_process_numbers(saved_run, tmp_path
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert out.stdout.count("SE(δH₁)") == 1, out.stdout  # rank 0 alone prints
     got = json.loads((tmp_path / "r.json").read_text())
-    pre = fp.AdamPreconditioner.from_state_dict(
-        torch.load(root / "optimizer.pt", weights_only=True), list(model.lora)
-    )
+    state = fp.AdamState.from_state_dict(torch.load(root / "optimizer.pt", weights_only=True), list(model.lora))
     E = fp.read_rollouts(root / "E.jsonl").to_batch()
     U = fp.read_rollouts(root / "U.jsonl").to_batch()
-    ref = fp.probe(model, model.lora, E, U, preconditioner=pre, eta=1e-3)
-    mu_x, mu_y = (
-        fp.mean_grad(model, model.lora, E),
-        fp.mean_grad(model, model.lora, U, loss="y", preconditioner=pre),
-    )
+    ref = fp.probe(model, model.lora, E, U, optimizer=state, lr=1e-3)  # `run` probes the exact next step
+    g_u = fp.mean_grad(model, model.lora, U, loss="y")
+    mu_x = fp.mean_grad(model, model.lora, E)
+    mu_y = {k: v / 1e-3 for k, v in state.step({k: -g for k, g in g_u.items()}, model.lora, lr=1e-3).delta.items()}
     scale = float((dot(mu_x, mu_x) * dot(mu_y, mu_y)).sqrt())  # <μX, μY> may cancel: see test_probe
     print({k: rel(got[k], getattr(ref, k)) for k in KEYS}, "scale/|bars_dot|:", scale / abs(ref.bars_dot))
     assert abs(got["bars_dot"] - ref.bars_dot) <= 1e-5 * scale, (got["bars_dot"], ref.bars_dot, scale)

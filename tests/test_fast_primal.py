@@ -7,7 +7,7 @@ from test_dual import ARCHITECTURES
 
 import functional_probe as fp
 from functional_probe import logprobs
-from functional_probe.model.fast_primal import fast_sequence_logprobs, plain_call
+from functional_probe.model.fast_primal import fast_sequence_logprobs
 from functional_probe.testing import peft_twin
 
 
@@ -48,15 +48,17 @@ def test_fast_primal_equals_plain_forward(arch, blocks):
 
 
 @pytest.mark.parametrize("which", ["tiny_fp32", "tiny_nf4"])
-def test_no_grad_sequence_logprobs_takes_the_fast_path_and_equals_peft(request, which, monkeypatch):
+def test_sequence_logprobs_without_derivatives_takes_the_fast_path_and_equals_peft(request, which, monkeypatch):
     model = request.getfixturevalue(which)
     batch, prompts, responses = ragged_batch(model.vocab_size, seed=2)
     calls = []
     monkeypatch.setattr(
         logprobs, "fast_sequence_logprobs", lambda *a, **k: calls.append(1) or fast_sequence_logprobs(*a, **k)
     )
+    S = fp.sequence_logprobs(model, model.lora, batch, derivatives=False)
+    assert calls == [1]
     with torch.no_grad():
-        S = fp.sequence_logprobs(model, model.lora, batch)
+        fp.sequence_logprobs(model, model.lora, batch)  # no_grad alone is no request for it
     assert calls == [1]
     twin = peft_twin(model)
     with torch.no_grad():
@@ -95,16 +97,8 @@ def test_transforms_under_no_grad_still_get_their_derivatives(tiny_fp32):
     assert rel_err(vmapped[1], 2 * ref_dot) <= 1e-5
 
 
-def test_plain_call_sees_transforms_autograd_and_forward_ad(tiny_fp32):
-    lora = tiny_fp32.lora
-    assert plain_call(lora)
-    tracked = {k: v.clone().requires_grad_() for k, v in lora.items()}
-    assert not plain_call(tracked)
-    with torch.no_grad():
-        assert plain_call(tracked)
-    seen = []
-    torch.func.vmap(lambda x: seen.append(plain_call({"x": x})) or x)(torch.ones(2, 3))
-    torch.func.grad(lambda x: seen.append(plain_call({"x": x})) or x.sum())(torch.ones(3))
-    with torch.autograd.forward_ad.dual_level():
-        seen.append(plain_call({"x": torch.autograd.forward_ad.make_dual(torch.ones(3), torch.ones(3))}))
-    assert seen == [False, False, False]
+def test_no_derivatives_under_a_transform_is_refused(tiny_fp32):
+    batch, _, _ = ragged_batch(tiny_fp32.vocab_size)
+    S_of = lambda lo: fp.sequence_logprobs(tiny_fp32, lo, batch, derivatives=False)  # noqa: E731
+    with pytest.raises(ValueError, match="derivatives=False"):
+        torch.func.jvp(S_of, (tiny_fp32.lora,), (tiny_fp32.lora,))

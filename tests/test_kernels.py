@@ -29,3 +29,19 @@ def test_bad_kernels_raise():
         Kernels(attention="flash")
     with pytest.raises(ValueError, match="causal_only applies to attention='sdpa'"):
         Kernels(causal_only=True)
+
+
+def test_transform_active_sees_torch_func_transforms_and_forward_ad_only():
+    from functional_probe.model.kernels import transform_active
+
+    x = {"x": torch.ones(3)}
+    assert not transform_active(x)
+    with torch.enable_grad():
+        assert not transform_active({"x": torch.ones(3, requires_grad=True)})  # autograd: no transform
+    seen = []
+    torch.func.vmap(lambda t: seen.append(transform_active({"t": t})) or t)(torch.ones(2, 3))
+    torch.func.grad(lambda t: seen.append(transform_active({"t": t})) or t.sum())(torch.ones(3))
+    torch.func.jvp(lambda t: seen.append(transform_active({"t": t})) or t, (torch.ones(3),), (torch.ones(3),))
+    with torch.autograd.forward_ad.dual_level():
+        seen.append(transform_active({"x": torch.autograd.forward_ad.make_dual(torch.ones(3), torch.ones(3))}))
+    assert seen == [True, True, True, True]

@@ -149,7 +149,7 @@ def batches64(model64):
 
 
 def trained(model, U, *, lr: float, steps: int, zero_b: bool = False, weight_decay: float = 0.01):
-    """AdamW after `steps` policy-gradient steps on U (p.grad = −mean ∇Ly, as cli.adamw_state) plus
+    """AdamW after `steps` policy-gradient steps on U (p.grad = −mean ∇Ly, as cli_demo.adamw_state) plus
     noise so that m is not parallel to this step's gradient; zero_b: PEFT's B = 0 start."""
     params = {k: torch.nn.Parameter(torch.zeros_like(v) if zero_b and "lora_B" in k else v.clone())
               for k, v in model.lora.items()}  # fmt: skip

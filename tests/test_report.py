@@ -7,9 +7,15 @@ import re
 
 import pytest
 
-from functional_probe.first_order import FirstOrderCheck, FirstOrderPoint
+from functional_probe.entropy_check import EntropyCheck, EntropyCheckPoint
 from functional_probe.probe import ProbeResult
-from functional_probe.report import format_first_order, format_probe, plot_first_order, result_json, verdict
+from functional_probe.report import (
+    format_entropy_check,
+    format_probe,
+    plot_entropy_check,
+    result_json,
+    verdict,
+)
 
 
 def result(shared: int = 0, delta: float = 2.5e-3, se: float | None = None) -> ProbeResult:
@@ -19,10 +25,6 @@ def result(shared: int = 0, delta: float = 2.5e-3, se: float | None = None) -> P
         se=se, se_conditional=2e-3, B_E=4, B_U=5, shared_prompts=shared, method="jvp",
         weighting="dr_grpo", s=[1.0] * 4, t=[2.0] * 5, timings={"total": 0.5},
     )  # fmt: skip
-
-
-def point(eta: float, ratio: float, bars_dot: float = 2.0) -> FirstOrderPoint:
-    return FirstOrderPoint(eta, eta * 10, eta * bars_dot, eta * bars_dot * ratio, ratio)
 
 
 def test_probe_table_states_values_units_and_the_independence_assumption():
@@ -60,40 +62,83 @@ def test_zero_se_is_a_warning_not_an_infinite_ratio():
     assert "SE = 0" in v.warnings[0] and "inf" not in format_probe(result(0, se=0.0))
 
 
-def test_eta_past_the_linear_range_is_warned_about():
-    check = FirstOrderCheck(2.0, [point(1e-4, 1.01), point(1e-3, 0.97), point(1e-2, 0.45)], noise_floor=1e-9,
-                            probed=point(3e-2, -0.84))  # fmt: skip
-    v = verdict(result(0), check)
-    assert v.first_order_ratio == -0.84
-    assert "outside the range where the first-order picture holds" in v.warnings[0]
-    assert "[0.0001, 0.001]" in v.warnings[0]
-    assert "WARNING: η = 0.03 is outside" in format_probe(result(0), v)
-    inside = FirstOrderCheck(2.0, check.points, noise_floor=1e-9, probed=point(1e-3, 0.97))
-    assert verdict(result(0), inside).warnings == []
+def check_of(slope: float | None = 1.0, r2: float | None = 0.99, s_star: float | None = 3.0,
+             resolved: bool = True) -> EntropyCheck:
+    """An entropy check at scales 0.5, 1, 2 with δH₁ = −0.01 ± 0.004 and realized rb = −0.011·s ± 0.002·√s."""
+    points = [EntropyCheckPoint(scale=s, relative_step=0.01 * s, predicted=-0.01 * s, predicted_se=0.004 * s,
+                                predicted_2=-0.01 * s + 1e-4 * s * s, predicted_2_se=0.004 * s,
+                                realized={"rb": -0.011 * s}, realized_se={"rb": 0.002 * s**0.5})
+              for s in (0.5, 1.0, 2.0)]  # fmt: skip
+    return EntropyCheck(points=points, estimators=["rb"], delta_h1=-0.01, delta_h1_se=0.004, s_star=s_star,
+                        s_star_se=0.5, s_star_resolved=resolved, fraction=0.1, slope={"rb": slope}, r2={"rb": r2},
+                        fit_scales={"rb": [] if slope is None else [0.5, 1.0, 2.0]})  # fmt: skip
 
 
-def test_a_point_under_the_noise_floor_does_not_count():
-    check = FirstOrderCheck(2.0, [point(1e-6, 0.18), point(1e-3, 1.0)], noise_floor=1e-6, probed=point(1e-6, 0.18))
-    assert check.linear_range() == (1e-3, 1e-3)
-    assert "noise floor" in verdict(result(0), check).warnings[0]
-    assert "(near the noise floor)" in format_first_order(check)
+def test_probed_step_past_a_resolved_edge_is_warned_about_and_an_unresolved_edge_is_not():
+    v = verdict(result(0), check_of(s_star=0.4))
+    assert "the probed step lies past the first-order range: s* = 0.4 < 1" in v.warnings[0]
+    assert "WARNING: the probed step lies past" in format_probe(result(0), v)
+    assert verdict(result(0), check_of(s_star=0.4, resolved=False)).warnings == []
+    assert verdict(result(0), check_of(s_star=3.0)).warnings == []
 
 
-def test_json_carries_the_verdict_and_reads_back():
-    check = FirstOrderCheck(2.0, [point(1e-3, 1.01)], noise_floor=1e-9, probed=point(1e-3, 1.01))
-    r = result(0)
-    text = result_json(r, verdict(r, check), check, "matched by name")
+@pytest.mark.parametrize(("slope", "r2", "line", "warned"), [
+    (1.02, 0.99, "first order holds: the realized change grows like s·δH₁ (rb: slope 1.02", False),
+    (0.5, 0.99, "first order not confirmed (rb: slope 0.50", True),
+    (1.0, 0.5, "first order not confirmed (rb: slope 1.00, R² 0.500", True),
+    (None, None, "not resolved: no estimator has 3 scales", False),
+])  # fmt: skip
+def test_check_verdict_reads_the_fit(slope, r2, line, warned):
+    v = verdict(result(0), check_of(slope, r2))
+    assert v.first_order.startswith(line), v.first_order
+    assert bool(v.warnings) == warned
+    assert verdict(result(0)).first_order is None
+
+
+def test_json_carries_the_verdict_and_the_check_and_reads_back():
+    r, check = result(0), check_of()
+    text = result_json(r, verdict(r, check), {"entropy_check": check.to_dict()}, "matched by name")
     obj = json.loads(text)
     assert obj["verdict"]["resolved"] is False and obj["verdict"]["prompts_needed_E"] == verdict(r).prompts_needed_E
     assert "nats/token" in obj["units"]["delta_h1"] and obj["optimizer_state"] == "matched by name"
-    assert obj["first_order"]["probed"]["ratio"] == 1.01
+    got = obj["entropy_check"]
+    assert got["slope"]["rb"] == 1.0 and got["r2"]["rb"] == 0.99
+    assert [p["realized_se"]["rb"] for p in got["points"]] == [p.realized_se["rb"] for p in check.points]
     assert ProbeResult.from_json(text) == r
 
 
-def test_first_order_table_marks_the_probed_eta_and_plot_is_written(tmp_path):
-    check = FirstOrderCheck(2.0, [point(1e-3, 1.01), point(1e-2, -0.5)], noise_floor=1e-7,
-                            probed=point(5e-3, 0.9))  # fmt: skip
-    table = format_first_order(check)
-    assert "1.0100" in table and "<- probed η" in table and "noise floor 1e-07" in table
-    plot_first_order(check, tmp_path / "c.png", extra={"realized": ([1e-3, 1e-2], [2e-3, -1e-2])})
+def test_check_table_marks_the_probed_step_and_the_fitted_scales():
+    table = format_entropy_check(check_of(), {"samples_per_prompt": 16, "prompts": 4, "temperature": 1.0,
+                                               "seconds": 2.5})  # fmt: skip
+    rows = table.splitlines()
+    probed = [row for row in rows if "<- probed step" in row]
+    assert len(probed) == 1 and probed[0].split()[0] == "1" and "-1.100e-02 ± 2.0e-03 *" in probed[0]
+    assert "rb: slope 1.000, R² 0.9900 over 3 scales" in table and "s* = 3 ± 0.5: where |δH₂| reaches 10%" in table
+    assert "16 fresh responses per prompt for each of E's 4 prompts" in table and "2.5 s" in table
+    assert rows[-1].startswith("first-order verdict: first order holds")
+    assert "no fit (0 of 3 scales qualify" in format_entropy_check(check_of(None, None))
+    assert "not resolved (d²H/ds² within 2 SE of 0): no bound on the fit" in format_entropy_check(check_of(resolved=False))
+
+
+def test_check_plot_draws_the_noise_floor_and_the_probed_step(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    plt.close = lambda fig=None: figures.append(fig)  # keep the figure to read it
+    try:
+        plot_entropy_check(check_of(resolved=False), tmp_path / "c.png")
+    finally:
+        plt.close = real_close
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = figures[0].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "noise floor of rb: 2·SE" in labels and "the probed step (s = 1)" in labels
+    assert any(label.endswith("(unresolved)") for label in labels)
+    assert "entropy rate" in ax.get_ylabel() and "nats" in ax.get_ylabel()
+    floor = next(line for line in ax.get_lines() if line.get_label() == "noise floor of rb: 2·SE")
+    assert list(floor.get_ydata()) == pytest.approx([2 * 0.002 * s**0.5 for s in (0.5, 1.0, 2.0)])
+    real_close(figures[0])

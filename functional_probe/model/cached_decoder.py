@@ -1,16 +1,12 @@
 """`CachedDecoder`: the decoder of a `FunctionalModel`, one token at a time with a key/value cache.
 
-What the sampler runs (sampling.py). NF4 is dequantized once per θ and, in fp32/fp64, LoRA merged
-into each frozen weight (W' = W + s·B A: no gradient flows here, so the merged primal is exact and
-cheapest, DESIGN §3); in bf16/fp16 the LoRA terms stay low-rank, because rounding W + s·B A to 8
-bits of mantissa would swallow the small steps the estimators compare (measured: logit changes 75%
-wrong).
+What the sampler runs (sampling.py). Each layer's projections are `group_linear.GroupLinear`s built
+once per θ: NF4 dequantized once, LoRA merged in fp32/fp64 and kept low-rank in bf16/fp16.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,48 +14,8 @@ from einops import rearrange
 from torch import Tensor
 
 from .functional import FunctionalModel, positions_from_mask
-from .layers import LoRALinear, apply_rotary, rotary_cos_sin
-
-MERGED_DTYPES = (torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class GroupLinear:
-    """Projections sharing one input as one frozen matmul: y = x Wᵀ + b, W the projections' rows
-    (NF4 dequantized once). In fp32/fp64 LoRA is merged, W = W₀ + s·B A; in bf16/fp16 rounding
-    W₀ + s·B A would swallow small steps, so there each LoRA term is added as s·(x Aᵀ) Bᵀ on its
-    output columns, as the decoder computes it."""
-
-    weight: Tensor  # [Σ out, in]
-    bias: Tensor | None  # [Σ out] (zeros where a projection has none)
-    low_rank: list[tuple[slice, Tensor, Tensor, float]]  # (columns, A, B, s) kept unmerged
-
-    def __call__(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        for cols, a, b, scaling in self.low_rank:  # fp32 factors on a bf16 base: PEFT's autocast rule
-            low_rank = F.linear(F.linear(x.to(a.dtype), a), b)
-            y[..., cols] = (y[..., cols] + low_rank * scaling).to(y.dtype)
-        return y
-
-
-def group_linear(modules: list, names: list[str], keys: Mapping[str, str], lora: Mapping[str, Tensor]) -> GroupLinear:
-    """GroupLinear of frozen or LoRA linears `modules` (internal names `names`; `keys` maps internal
-    LoRA names to the keys of `lora`)."""
-    weights, biases, low_rank, start, has_bias = [], [], [], 0, False
-    for module, name in zip(modules, names, strict=True):
-        base = module.base if isinstance(module, LoRALinear) else module
-        weight = base.dequantized_weight()
-        if isinstance(module, LoRALinear):
-            a, b = lora[keys[f"{name}.lora_A"]], lora[keys[f"{name}.lora_B"]]
-            if weight.dtype in MERGED_DTYPES:
-                weight = weight + module.scaling * (b @ a)
-            else:
-                low_rank.append((slice(start, start + weight.shape[0]), a, b, module.scaling))
-        weights.append(weight)
-        biases.append(base.bias if base.bias is not None else weight.new_zeros(weight.shape[0]))
-        has_bias |= base.bias is not None
-        start += weight.shape[0]
-    return GroupLinear(torch.cat(weights), torch.cat(biases) if has_bias else None, low_rank)
+from .group_linear import layer_groups
+from .layers import apply_rotary, rotary_cos_sin
 
 
 class CachedDecoder:
@@ -74,19 +30,8 @@ class CachedDecoder:
     def __init__(self, model: FunctionalModel, lora: Mapping[str, Tensor]) -> None:
         model.check_lora(lora)
         self.decoder = model.decoder
-        keys = {internal: key for key, internal in model._internal.items()}
-        groups = {
-            "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
-            "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",)),
-        }  # fmt: skip
-        self.weights = []
         with torch.no_grad():
-            for i, block in enumerate(self.decoder.layers):
-                self.weights.append({
-                    name: group_linear([getattr(getattr(block, parent), p) for p in projections],
-                                       [f"layers.{i}.{parent}.{p}" for p in projections], keys, lora)
-                    for name, (parent, projections) in groups.items()
-                })  # fmt: skip
+            self.weights = [layer_groups(model, i, lora) for i in range(len(self.decoder.layers))]
 
     def start(self, input_ids: Tensor, attention_mask: Tensor, capacity: int) -> Tensor:
         """Prompts [R, P] (mask True on real tokens), cache room for `capacity` ≥ P tokens -> [R, D]."""

@@ -4,7 +4,8 @@ For a LoRA dict θ and a direction v shaped like it, `dual_hidden_states` return
 ḣ = d/dε h(θ + ε·v) without torch.func: every activation travels as a stacked pair
 [x; ẋ] of shape [2, ...] (index 0 primal, 1 tangent), so each frozen matmul runs once on both.
 
-Per linear (LoRA merged for the primal, W' = W + s·B A, NF4 dequantized once per pass):
+Per linear (group_linear.py: LoRA merged, W' = W + s·B A, in fp32/fp64, else kept low-rank;
+NF4 dequantized once per pass):
     y = x W'ᵀ + b,    ẏ = ẋ W'ᵀ + s·(x Ȧᵀ Bᵀ + x Aᵀ Ḃᵀ)
 q/k/v are one matmul (gate/up one call each, so that their outputs are contiguous); a group's
 low-rank tangent terms share one u = x [Ȧ; A]ᵀ product. The embedding has no tangent, so
@@ -22,96 +23,96 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import accumulate, pairwise
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
 from .decoder import Attention, Block
 from .dual_attention import BLOCK_K, BLOCK_Q, attention_pair, check_blocks
 from .functional import FunctionalModel, default_mask, positions_from_mask
-from .layers import LoRALinear, RMSNorm, rotary_cos_sin
+from .group_linear import GroupLinear, layer_groups
+from .layers import RMSNorm, rotary_cos_sin
+from .packing import Packing
 
 
 @dataclass
 class DualLinear:
-    """Projections sharing one input, LoRA merged, acting on stacked pairs [x; ẋ].
+    """A layer's `GroupLinear` acting on stacked pairs [x; ẋ] (0 primal, 1 tangent).
 
-    weights[p] [out_p, in] = W_p + s_p·B_p A_p, biases[p] [out_p] or None (primal only);
-    down [k, in] stacks the rows [Ȧ_p; A_p] of every LoRA projection (None if there is none);
-    ups[p] = (its columns of u = x downᵀ, s_p·[B_p, Ḃ_p] [out_p, 2r]) or None, so that
-    the LoRA tangent of p is u[:, cols] upᵀ = s_p·(x Ȧ_pᵀ B_pᵀ + x A_pᵀ Ḃ_pᵀ).
-    fused: one matmul on cat(weights) -> [2, ..., Σ out_p]; else one per projection -> [P, 2, ..., out].
+    y = x Wᵀ + b, ẏ = ẋ Wᵀ + s·(x Ȧᵀ Bᵀ + x Aᵀ Ḃᵀ) per LoRA projection (W merged, or W frozen and
+    s·(x Aᵀ) Bᵀ added to both halves when the group keeps LoRA low-rank). down [k, in] stacks the
+    rows [Ȧ_p; A_p] of every LoRA projection, so one u = x downᵀ serves them all; ups[p] = (its
+    columns of u, its output columns, s_p·[B_p, Ḃ_p] [out_p, 2r]).
+    split: one matmul per projection -> [P, 2, ..., out] (gate/up: contiguous halves); else one
+    matmul on the group's rows -> [2, ..., Σ out].
     """
 
-    weights: list[Tensor]
-    biases: list[Tensor | None]
+    group: GroupLinear
     down: Tensor | None
-    ups: list[tuple[slice, Tensor] | None]
-    fused: bool
+    ups: list[tuple[slice, slice, Tensor]]
+    split: bool
+
+    def columns(self, y: Tensor, cols: slice) -> Tensor:
+        """The [2, rows, width] view of y's output columns `cols` (group numbering)."""
+        if not self.split:
+            return y.view(2, -1, y.shape[-1])[:, :, cols]
+        p = self.group.bounds.index(cols.start)
+        return y[p].view(2, -1, y.shape[-1])
 
     def __call__(self, x: Tensor, stacked: bool) -> Tensor:
-        """x [2, ..., in] (stacked) or primal-only [..., in] (zero tangent) -> see `fused`."""
+        """x [2, ..., in] (stacked) or primal-only [..., in] (zero tangent) -> see `split`."""
+        g = self.group
         primal = x[0] if stacked else x
-        lead, sizes = primal.shape[:-1], [w.shape[0] for w in self.weights]
-        bounds = [0, *accumulate(sizes)]
-        if self.fused:
-            y = primal.new_empty(2, *lead, sum(sizes))
-            parts = [(y, torch.cat(self.weights) if len(sizes) > 1 else self.weights[0])]
-            tangents = [y[1].view(-1, bounds[-1])[:, i:j] for i, j in pairwise(bounds)]
+        lead = primal.shape[:-1]
+        if self.split:
+            y = primal.new_empty(len(g.sizes), 2, *lead, g.sizes[0])
+            parts = list(zip(y, g.weight.split(list(g.sizes)), strict=True))
         else:
-            y = primal.new_empty(len(sizes), 2, *lead, sizes[0])
-            parts = list(zip(y, self.weights, strict=True))
-            tangents = [out[1].view(-1, sizes[0]) for out in y]
+            y = primal.new_empty(2, *lead, g.bounds[-1])
+            parts = [(y, g.weight)]
         for out, weight in parts:
             if stacked:
                 torch.matmul(x, weight.T, out=out)
             else:
                 torch.matmul(primal, weight.T, out=out[0])
                 out[1].zero_()
+        halves = x.view(2, -1, x.shape[-1]) if stacked else primal.reshape(1, -1, primal.shape[-1])
+        for t in () if g.merged else g.loras:  # the frozen-weight LoRA term, linear in [x; ẋ]
+            low_rank = (halves.to(t.a.dtype) @ t.a.T @ t.b.T) * t.scaling
+            view = self.columns(y, t.columns)[: len(halves)]
+            view.copy_(view + low_rank)
         if self.down is not None:
             u = primal.reshape(-1, primal.shape[-1]) @ self.down.T
-            for tangent, lora in zip(tangents, self.ups, strict=True):
-                if lora is not None:
-                    tangent.addmm_(u[:, lora[0]], lora[1].T)
-        for i, bias in enumerate(self.biases):
-            if bias is not None:
-                (y[0][..., bounds[i] : bounds[i + 1]] if self.fused else y[i, 0]).add_(bias)
+            for u_cols, cols, up in self.ups:
+                self.columns(y, cols)[1].addmm_(u[:, u_cols], up.T)
+        if g.bias is not None:
+            if self.split:
+                for p, (i, j) in enumerate(pairwise(g.bounds)):
+                    y[p, 0].add_(g.bias[i:j])
+            else:
+                y[0].add_(g.bias)
         return y
 
 
-def merge_linears(
-    modules: list[nn.Module], names: list[str], keys: Mapping[str, str],
-    lora: Mapping[str, Tensor], direction: Mapping[str, Tensor], fused: bool = True,
-) -> DualLinear:  # fmt: skip
-    """DualLinear of projections `modules` (internal names `names`, e.g. 'layers.0.self_attn.q_proj');
-    `keys` maps internal LoRA names to the PEFT keys of `lora`/`direction`. NF4 is dequantized here.
+def dual_linear(group: GroupLinear, direction: Mapping[str, Tensor], split: bool = False) -> DualLinear:
+    """The DualLinear of `group` along `direction` (PEFT keys, shaped like the LoRA dict).
 
-    Mixed precision (fp32 LoRA on a bf16 base): W + s·B A is formed in the promoted dtype and
-    rounded once to the frozen weight's dtype; the direction is cast to the LoRA factor's dtype
-    and device, and the low-rank tangent factors to the frozen weight's dtype, which is the
-    compute dtype of the pairs [x; ẋ]."""
-    weights, biases, downs, ups, k = [], [], [], [], 0
-    for module, name in zip(modules, names, strict=True):
-        base = module.base if isinstance(module, LoRALinear) else module
-        w = base.dequantized_weight()
-        ups.append(None)
-        if isinstance(module, LoRALinear):
-            a, b = lora[keys[f"{name}.lora_A"]], lora[keys[f"{name}.lora_B"]]
-            a_dot, b_dot = direction[keys[f"{name}.lora_A"]].to(a), direction[keys[f"{name}.lora_B"]].to(b)
-            s = module.scaling
-            w = (w + s * (b @ a)).to(w.dtype)
-            downs.append(torch.cat([a_dot, a]).to(w.dtype))  # [2r, in]
-            up = torch.cat([s * b, s * b_dot], dim=1).to(w.dtype)  # [out, 2r]
-            ups[-1] = (slice(k, k + 2 * a.shape[0]), up)
-            k += 2 * a.shape[0]
-        weights.append(w)
-        biases.append(base.bias)
-    if not fused and len({w.shape[0] for w in weights}) > 1:
-        raise ValueError(f"unfused projections {names} must have equal out_features")
-    return DualLinear(weights, biases, torch.cat(downs) if downs else None, ups, fused)
+    Mixed precision (fp32 LoRA on a bf16 base): the direction is cast to the LoRA factor's dtype
+    and device, the low-rank tangent factors to the frozen weight's dtype, which is the compute
+    dtype of the pairs [x; ẋ]."""
+    if split and len(set(group.sizes)) > 1:
+        raise ValueError(f"split projections must have equal out_features; got {group.sizes}")
+    dtype, downs, ups, k = group.weight.dtype, [], [], 0
+    for t in group.loras:
+        a_dot, b_dot = direction[t.keys[0]].to(t.a), direction[t.keys[1]].to(t.b)
+        downs.append(torch.cat([a_dot, t.a]).to(dtype))  # [2r, in]
+        up = torch.cat([t.scaling * t.b, t.scaling * b_dot], dim=1).to(dtype)  # [out, 2r]
+        ups.append((slice(k, k + up.shape[1]), t.columns, up))
+        k += up.shape[1]
+    return DualLinear(group, torch.cat(downs) if downs else None, ups, split)
 
 
 def rms_norm_dual(norm: RMSNorm, x: Tensor, stacked: bool) -> Tensor:
@@ -185,12 +186,16 @@ def rotary_halves(cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, ...]
 
 
 def block_dual(
-    block: Block, linears: dict[str, DualLinear], x: Tensor, stacked: bool,
-    rotary: tuple[Tensor, ...], key_mask: Tensor, blocks: tuple[int, int],
+    block: Block, linears: dict[str, DualLinear], x: Tensor, stacked: bool, rotary: tuple[Tensor, ...],
+    packing: Packing, blocks: tuple[int, int], keep: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """One pre-norm block on the pair x [2, B, T, D] (or primal-only [B, T, D]) -> [2, B, T, D]."""
+    """One pre-norm block on the pair x [2, N, D] (packed tokens; [2, B, T, D] unpacked; primal-only
+    [N, D] when not stacked) -> [2, N, D]; with `keep` [M] only those tokens go past attention."""
     h = rms_norm_dual(block.input_layernorm, x, stacked)
-    attn = attention_dual(block.self_attn, linears["qkv"](h, stacked), rotary, key_mask, blocks)
+    qkv = packing.to_slots(linears["qkv"](h, stacked))
+    attn = packing.from_slots(attention_dual(block.self_attn, qkv, rotary, packing.key_mask, blocks))
+    if keep is not None:  # the last layer: the rest feeds nothing
+        attn, x = attn.index_select(1, keep), x.index_select(-2, keep)
     a = linears["o"](attn, True)
     if stacked:
         x = x + a
@@ -207,21 +212,34 @@ def block_dual(
 
 
 def layer_linears(
-    model: FunctionalModel, index: int, keys: Mapping[str, str],
-    lora: Mapping[str, Tensor], direction: Mapping[str, Tensor],
-) -> dict[str, DualLinear]:  # fmt: skip
-    """The merged linears of layer `index` ('qkv', 'o', 'gate_up', 'down'); `keys`: internal -> PEFT."""
-    block = model.decoder.layers[index]
-    groups = {
-        "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
-        "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",)),
-    }  # fmt: skip
-    out = {}
-    for group, (parent, projections) in groups.items():
-        modules = [getattr(getattr(block, parent), p) for p in projections]
-        names = [f"layers.{index}.{parent}.{p}" for p in projections]
-        out[group] = merge_linears(modules, names, keys, lora, direction, fused=group != "gate_up")
-    return out
+    model: FunctionalModel, index: int, lora: Mapping[str, Tensor], direction: Mapping[str, Tensor]
+) -> dict[str, DualLinear]:
+    """The DualLinears of layer `index` ('qkv', 'o', 'gate_up' split, 'down')."""
+    groups = layer_groups(model, index, lora)
+    return {name: dual_linear(g, direction, split=name == "gate_up") for name, g in groups.items()}
+
+
+def dual_tokens(
+    model: FunctionalModel, lora: Mapping[str, Tensor], direction: Mapping[str, Tensor], input_ids: Tensor,
+    packing: Packing, *, last: Tensor | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(h, ḣ): the final normed hidden states of `packing`'s tokens of input_ids [B, T] and their
+    derivative along `direction`, [N, D] each ([B, T, D] unpacked; [M, D] for the tokens `last`
+    [M], indices into the N). No grad, in the model dtype; pure in lora/direction."""
+    check_blocks(block_q, block_k)
+    model.check_lora(lora)
+    model.check_lora(direction)
+    with torch.no_grad():
+        dec = model.decoder
+        x = F.embedding(packing.pack(input_ids), dec.embed_tokens)
+        cos, sin = rotary_cos_sin(packing.positions, dec.inv_freq, dec.attention_scaling, x.dtype)
+        rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
+        for i, block in enumerate(dec.layers):
+            keep = last if i == len(dec.layers) - 1 else None
+            x = block_dual(block, layer_linears(model, i, lora, direction), x, i > 0, rotary, packing,
+                           (block_q, block_k), keep)  # fmt: skip
+        out = rms_norm_dual(dec.norm, x, True)
+        return out[0], out[1]
 
 
 def dual_hidden_states(
@@ -229,29 +247,19 @@ def dual_hidden_states(
     input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
     *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(h, ḣ), both [B, T, D]: final normed hidden states and their derivative d/dε h(lora + ε·direction).
+    """(h, ḣ), both [B, T, D]: final normed hidden states and their derivative d/dε h(lora + ε·direction),
+    at every position (pads included, as the plain forward computes them).
 
     Same inputs and defaults as `FunctionalModel.hidden_states` (mask [B, T], 1 = real token;
     positions cumsum(mask) − 1). Runs under no_grad in the model dtype; pure in lora/direction.
     Equals `torch.func.jvp(lambda l: model.hidden_states(l, ...), (lora,), (direction,))`.
     Attention goes in query blocks of `block_q` and key blocks of `block_k` positions.
     """
-    check_blocks(block_q, block_k)
-    model.check_lora(lora)
-    model.check_lora(direction)
-    with torch.no_grad():
-        mask = default_mask(input_ids, attention_mask)
-        if position_ids is None:
-            position_ids = positions_from_mask(mask)
-        dec, keys = model.decoder, {internal: key for key, internal in model._internal.items()}
-        x = F.embedding(input_ids, dec.embed_tokens)
-        cos, sin = rotary_cos_sin(position_ids, dec.inv_freq, dec.attention_scaling, x.dtype)
-        rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
-        for i, block in enumerate(dec.layers):
-            linears = layer_linears(model, i, keys, lora, direction)
-            x = block_dual(block, linears, x, i > 0, rotary, mask, (block_q, block_k))
-        out = rms_norm_dual(dec.norm, x, True)
-        return out[0], out[1]
+    mask = default_mask(input_ids, attention_mask)
+    if position_ids is None:
+        position_ids = positions_from_mask(mask)
+    packing = Packing.full(mask, position_ids)
+    return dual_tokens(model, lora, direction, input_ids, packing, block_q=block_q, block_k=block_k)
 
 
 def head_logprobs_tangent(
@@ -285,6 +293,6 @@ def head_logprobs_tangent(
             z_y = z.gather(-1, y[:, None])[:, 0]
             total = z.exp_().sum(-1, keepdim=True)
             logp[rows] = z_y - total[:, 0].log()
-            p_w = z.div_(total) @ weight  # [chunk, D]
+            p_w = (z @ weight).div_(total)  # [chunk, D] = pᵀW (normalised after the product: one pass less)
             logp_dot[rows] = (h_dot * (weight[y] - p_w)).sum(-1) / temperature
         return logp, logp_dot

@@ -2,12 +2,11 @@
 
 For passes that need no derivative (realized-ΔH sweeps, first-order checks, `sequence_logprobs`
 under no_grad) the LoRA path is merged into the frozen weight once per pass,
-W' = W + s·B A (the dual's `merge_linears`, NF4 dequantized there), q/k/v and gate/up run as one
+W' = W + s·B A in fp32/fp64 (group_linear.py, NF4 dequantized there), q/k/v and gate/up run as one
 matmul each, attention is the dual's block-causal online softmax without the tangent
 (`dual_attention.attention_primal`), and the head runs only on response positions, a chunk of
 rows at a time. It equals `FunctionalModel.hidden_states` + a log-softmax head (1e-5, fp32).
-Only for eager calls: `plain_call` says when nothing (a torch.func transform, autograd, forward
-AD) would need the graph this path does not build.
+It builds no graph: the caller chooses it (`sequence_logprobs(..., derivatives=False)`).
 """
 
 from __future__ import annotations
@@ -15,45 +14,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from .decoder import Attention, Block
-from .dual import layer_linears, rotary_halves, rotate_into
+from .dual import rotary_halves, rotate_into
 from .dual_attention import BLOCK_K, BLOCK_Q, attention_primal, check_blocks
 from .functional import FunctionalModel
+from .group_linear import GroupLinear, layer_groups
 from .layers import rotary_cos_sin
-
-
-def plain_call(*dicts: Mapping[str, Tensor]) -> bool:
-    """True when no torch.func transform is active and no tensor of `dicts` is tracked by
-    autograd (grad mode on and requires_grad) or carries a forward-AD tangent: then a fast path
-    that builds no graph gives everything the caller can observe."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    tensors = [t for d in dicts for t in d.values()]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(fwAD.unpack_dual(t).tangent is None for t in tensors)
-
-
-def merged_layer(
-    model: FunctionalModel, index: int, keys: Mapping[str, str], lora: Mapping[str, Tensor]
-) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """Layer `index`'s merged (weight [Σ out, in], bias [Σ out] or None) per group 'qkv', 'o',
-    'gate_up', 'down' (gate and up concatenated)."""
-    out = {}
-    for group, linear in layer_linears(model, index, keys, lora, lora).items():
-        ws, bs = linear.weights, linear.biases
-        bias = None
-        if any(b is not None for b in bs):
-            bias = torch.cat(
-                [w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(ws, bs, strict=True)]
-            )
-        out[group] = (torch.cat(ws) if len(ws) > 1 else ws[0], bias)
-    return out
+from .packing import Packing, needed
 
 
 def attention_fast(
@@ -80,34 +51,37 @@ def attention_fast(
 
 
 def block_fast(
-    block: Block, weights: dict[str, tuple[Tensor, Tensor | None]], x: Tensor,
-    rotary: tuple[Tensor, ...], key_mask: Tensor, blocks: tuple[int, int],
+    block: Block, linears: dict[str, GroupLinear], x: Tensor, rotary: tuple[Tensor, ...],
+    packing: Packing, blocks: tuple[int, int], keep: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """One pre-norm block, x [B, T, D] -> [B, T, D] (x is updated in place)."""
-    qkv = F.linear(block.input_layernorm(x), *weights["qkv"])
-    x += F.linear(attention_fast(block.self_attn, qkv, rotary, key_mask, blocks), *weights["o"])
-    gate, up = F.linear(block.post_attention_layernorm(x), *weights["gate_up"]).chunk(2, dim=-1)
-    x += F.linear(F.silu(gate).mul_(up), *weights["down"])
+    """One pre-norm block, x [N, D] packed tokens ([B, T, D] unpacked) -> [N, D], updated in place;
+    with `keep` [M] only those tokens go past attention (-> [M, D])."""
+    qkv = packing.to_slots(linears["qkv"](block.input_layernorm(x))[None])[0]
+    attn = packing.from_slots(attention_fast(block.self_attn, qkv, rotary, packing.key_mask, blocks)[None])[0]
+    if keep is not None:  # the last layer: the rest feeds nothing
+        attn, x = attn[keep], x[keep]
+    x += linears["o"](attn)
+    gate, up = linears["gate_up"](block.post_attention_layernorm(x)).chunk(2, dim=-1)
+    x += linears["down"](F.silu(gate).mul_(up))
     return x
 
 
-def fast_hidden_states(
-    model: FunctionalModel, lora: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor,
-    position_ids: Tensor, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+def fast_tokens(
+    model: FunctionalModel, lora: Mapping[str, Tensor], input_ids: Tensor, packing: Packing,
+    *, last: Tensor | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
 ) -> Tensor:  # fmt: skip
-    """The last block's output [B, T, D] (before the final norm) under no_grad; inputs [B, T]
-    (mask bool, 1 = real token) as for `FunctionalModel.hidden_states`."""
+    """The last block's output (before the final norm) at `packing`'s tokens of input_ids [B, T]:
+    [N, D] ([B, T, D] unpacked; [M, D] for the tokens `last` [M], indices into the N), no grad."""
     model.check_lora(lora)
     check_blocks(block_q, block_k)
     with torch.no_grad():
-        dec, keys = model.decoder, {internal: key for key, internal in model._internal.items()}
-        x = F.embedding(input_ids, dec.embed_tokens)
-        cos, sin = rotary_cos_sin(position_ids, dec.inv_freq, dec.attention_scaling, x.dtype)
+        dec = model.decoder
+        x = F.embedding(packing.pack(input_ids), dec.embed_tokens)
+        cos, sin = rotary_cos_sin(packing.positions, dec.inv_freq, dec.attention_scaling, x.dtype)
         rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
         for i, block in enumerate(dec.layers):
-            x = block_fast(
-                block, merged_layer(model, i, keys, lora), x, rotary, attention_mask, (block_q, block_k)
-            )
+            keep = last if i == len(dec.layers) - 1 else None
+            x = block_fast(block, layer_groups(model, i, lora), x, rotary, packing, (block_q, block_k), keep)
         return x
 
 
@@ -135,19 +109,14 @@ def fast_sequence_logprobs(
     chunk_tokens: int = 1024, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
 ) -> Tensor:  # fmt: skip
     """S [...] from a Batch's tensors [..., T] (as `logprobs.grouped_logprobs`), no grad:
-    Σ over response tokens y_t of log softmax(z_{t−1}/τ)[y_t], the head on those rows only."""
+    Σ over response tokens y_t of log softmax(z_{t−1}/τ)[y_t], computed on the needed tokens only
+    (packing.py) and the head on the positions predicting response tokens only."""
     lead, flat = input_ids.shape[:-1], lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
     ids = flat(input_ids)
-    mask, positions = flat(attention_mask).bool(), flat(position_ids)
-    x = fast_hidden_states(model, lora, ids, mask, positions, block_q=block_q, block_k=block_k)
+    keep, head_rows, rows, cols = needed(flat(attention_mask), flat(response_mask), prompt_end)
+    packing = Packing.of(keep, flat(position_ids))
+    x = fast_tokens(model, lora, ids, packing, last=head_rows, block_q=block_q, block_k=block_k)
     with torch.no_grad():
-        rows, cols = flat(response_mask)[:, prompt_end:].nonzero(as_tuple=True)
-        hidden = model.decoder.norm(x[:, prompt_end - 1 : -1][rows, cols])
-        logp = head_logprobs(
-            hidden,
-            model.head_weight,
-            ids[:, prompt_end:][rows, cols],
-            temperature=temperature,
-            chunk_size=chunk_tokens,
-        )
+        logp = head_logprobs(model.decoder.norm(x), model.head_weight, ids[rows, cols + 1],
+                             temperature=temperature, chunk_size=chunk_tokens)  # fmt: skip
         return logp.new_zeros(ids.shape[0]).index_add_(0, rows, logp).reshape(lead)

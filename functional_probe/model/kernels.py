@@ -11,7 +11,12 @@ explicitly; nothing is global.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
 
 ATTENTIONS = ("plain", "sdpa")
 HEADS = ("plain", "recompute")
@@ -73,3 +78,11 @@ def first_order_kernels(rows: int, columns: int, *, left_padded: bool, checkpoin
     if checkpoint is None:
         checkpoint = rows * columns >= CHECKPOINT_MIN_TOKENS
     return Kernels("sdpa", causal_only=not left_padded, head="recompute", checkpoint=bool(checkpoint))
+
+
+def transform_active(*dicts: Mapping[str, Tensor]) -> bool:
+    """True under a torch.func transform (grad, vjp, jvp, vmap) or when a tensor of `dicts` carries a
+    forward-AD tangent: then only the plain ops compose, and a no-graph fast path must not run."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return any(fwAD.unpack_dual(t).tangent is not None for d in dicts for t in d.values())
