@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -181,3 +182,13 @@ def assert_usage_error(argv, capsys, *needles):
     assert len(message) == 1, message
     for needle in needles:
         assert needle in message[0], message[0]
+
+
+def torch_step_delta(opt, params, grads, theta):
+    """Δθ of torch's own `opt.step()` on a copy of `opt` with p.grad = grads[name]: the reference step."""
+    twin = copy.deepcopy(opt)
+    copied = dict(zip(params, twin.param_groups[0]["params"], strict=True))  # the optimizer's order
+    for k, q in copied.items():
+        q.grad = grads[k]
+    twin.step()
+    return {k: q.detach() - theta[k] for k, q in copied.items()}
