@@ -1,0 +1,81 @@
+"""One rank of a real data-parallel GRPOTrainer run with EntropyProbeCallback, launched by
+`torchrun --nproc-per-node 2` from test_trl_ranks.py (accelerate MULTI_CPU, gloo).
+
+Usage: python trl_ranks_run.py OUT_DIR LOSS_TYPE ROWS (per_device_train_batch_size). Writes
+OUT_DIR/rank<r>.pkl with what this rank saw: the callback's logs and history, the inputs
+compute_loss received on each step, the optimizer state before each step (state_dict and
+parameter names), and an independent recorder's p.grad and θ before / after each optimizer step.
+G = 4 and GA = 2: with ROWS = 3, 12 rows per generation batch (3 prompts), 6 per rank: rank 0
+holds prompt 0 and half of prompt 1, rank 1 the other half and prompt 2; with ROWS = 5, 5
+prompts, prompt 2 straddling."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from test_trl import Recorder  # noqa: E402
+from test_trl_loss import peft_llama, tokenizer  # noqa: E402
+
+from functional_probe.integrations.trl import EntropyProbeCallback  # noqa: E402
+
+PROMPTS = ["t5 t6 t7", "t8 t9", "t10 t11 t12 t13", "t14", "t15 t16", "t17 t18 t19"]
+
+
+class Inputs(Recorder):
+    """The recorder, plus the optimizer state before each step and compute_loss's inputs per step."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer, self.inputs, self.states = trainer, [], []
+        original = trainer.compute_loss
+
+        def recording(model, inputs, *args, **kwargs):
+            if model.training:
+                self.inputs[-1].append(inputs)
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = recording
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.inputs.append([])
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        super().on_pre_optimizer_step(args, state, control, model=model, **kw)
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        self.states.append((copy.deepcopy(optimizer.state_dict()), order))
+
+
+def main(out: str, loss_type: str, rows: int) -> None:
+    args = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+        per_device_train_batch_size=rows, num_generations=4, max_completion_length=6, gradient_accumulation_steps=2,
+        max_steps=2, logging_steps=1, learning_rate=3e-3, max_grad_norm=1.0, loss_type=loss_type, seed=0,
+    )  # fmt: skip
+    trainer = trl.GRPOTrainer(
+        model=peft_llama().to(torch.float64), reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+        args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer(),
+    )  # fmt: skip
+    rec = Inputs(trainer)
+    trainer.add_callback(rec)
+    probe = EntropyProbeCallback(every=1, eval_generations=2).attach(trainer)
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    logs = [e for e in trainer.state.log_history if "entropy_probe/delta_h1" in e]
+    dump = dict(rank=rank, world=trainer.accelerator.num_processes, distributed=probe.distributed, logs=logs,
+                history=probe.history, inputs=rec.inputs, states=rec.states, grads=rec.grads, before=rec.before,
+                after=rec.after, loss=probe._loss, max_grad_norm=args.max_grad_norm)  # fmt: skip
+    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(dump))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
