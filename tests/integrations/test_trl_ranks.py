@@ -24,6 +24,7 @@ from test_trl import whole_rel_err
 from test_trl_loss import peft_llama
 
 import functional_probe as fp
+from functional_probe.integrations.trl import EntropyProbeCallback
 from functional_probe.integrations.trl_ranks import (
     eval_share,
     multi_process,
@@ -84,8 +85,8 @@ def rel(a: float, b: float) -> float:
 
 def test_the_run_is_data_parallel_with_a_straddling_prompt(run):
     name, dumps = run
-    assert [(d["rank"], d["world"], d["distributed"], d["loss"].num_processes) for d in dumps] == \
-        [(0, 2, True, 2), (1, 2, True, 2)]  # fmt: skip
+    assert [(d["rank"], d["world"], d["distributed"], d["loss"].num_processes, d["type"]) for d in dumps] == \
+        [(0, 2, True, 2, "MULTI_CPU"), (1, 2, True, 2, "MULTI_CPU")]  # fmt: skip
     for step in range(2):
         _, held = union_rows(dumps, step)
         assert held[0] & held[1], "no prompt straddles the ranks: the layout does not test the matching"
@@ -149,8 +150,10 @@ class Trainer:
 def test_one_process_and_the_refusals():
     assert not multi_process(Trainer()) and multi_process(Trainer(processes=2))
     for flag, name in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")):
+        probe = EntropyProbeCallback()
         with pytest.raises(ValueError, match=f"trainer.{flag} is True; {name} shards"):
-            multi_process(Trainer(**{flag: True}))
+            probe.attach(Trainer(**{flag: True}))
+        assert probe.trainer is None
     assert eval_share(((1, 2), (3,)), False, of_rows=False) == [[1, 2], [3]]
     assert rank_seed(7, 3, False) == 10
     est = estimate(torch.tensor([0.1, 0.4, 0.2]))

@@ -69,12 +69,13 @@ def main(out: str, loss_type: str, rows: int) -> None:
     trainer.add_callback(rec)
     probe = EntropyProbeCallback(every=1, eval_generations=2).attach(trainer)
     trainer.train()
-    rank = trainer.accelerator.process_index
+    accelerator = trainer.accelerator
     logs = [e for e in trainer.state.log_history if "entropy_probe/delta_h1" in e]
-    dump = dict(rank=rank, world=trainer.accelerator.num_processes, distributed=probe.distributed, logs=logs,
+    dump = dict(rank=accelerator.process_index, world=accelerator.num_processes,
+                type=accelerator.distributed_type.value, distributed=probe.distributed, logs=logs,
                 history=probe.history, inputs=rec.inputs, states=rec.states, grads=rec.grads, before=rec.before,
                 after=rec.after, loss=probe._loss, max_grad_norm=args.max_grad_norm)  # fmt: skip
-    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(dump))
+    Path(out, f"rank{dump['rank']}.pkl").write_bytes(pickle.dumps(dump))
 
 
 if __name__ == "__main__":
