@@ -158,3 +158,18 @@ def test_one_process_and_the_refusals():
     assert rank_seed(7, 3, False) == 10
     est = estimate(torch.tensor([0.1, 0.4, 0.2]))
     assert union_estimate(est, False) is est and slowest({"seconds_x": 1.5}, False) == {"seconds_x": 1.5}
+
+
+def test_helpers_on_the_two_ranks(run):
+    """`trl_ranks_run.helpers_on_ranks` on the run's process group, against closed forms."""
+    got = [d["helpers"] for d in run[1]]
+    assert [g["rows"] for g in got] == [[[5, 6], [7]], [[8, 9], [10]]]  # [7] once, on rank 0
+    assert [g["five"] for g in got] == [[[1], [2], [3]], [[4], [5]]]
+    assert [g["three"] for g in got] == [[[1], [2], [3]], []]  # shards of ≥ 2: rank 1 holds none
+    assert [g["seed"] for g in got] == [10, 10 + 2**32]
+    union = estimate(torch.tensor([0.1, 0.4, 0.2, -0.3, 0.05], dtype=torch.float64))
+    lone = estimate(torch.tensor([0.1, 0.4], dtype=torch.float64))
+    for g in got:
+        assert (g["union"].value, g["union"].se, g["union"].per_prompt) == (union.value, union.se, union.per_prompt)
+        assert (g["lone"].value, g["lone"].se) == (lone.value, lone.se)
+        assert g["slow"] == {"seconds_a": 2.0, "seconds_b": 5.0} and g["multi"]

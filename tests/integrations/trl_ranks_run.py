@@ -4,7 +4,8 @@
 Usage: python trl_ranks_run.py OUT_DIR LOSS_TYPE ROWS (per_device_train_batch_size). Writes
 OUT_DIR/rank<r>.pkl with what this rank saw: the callback's logs and history, the inputs
 compute_loss received on each step, the optimizer state before each step (state_dict and
-parameter names), and an independent recorder's p.grad and θ before / after each optimizer step.
+parameter names), an independent recorder's p.grad and θ before / after each optimizer step, and
+what `trl_ranks`' helpers return on this rank (`helpers_on_ranks`).
 G = 4 and GA = 2: with ROWS = 3, 12 rows per generation batch (3 prompts), 6 per rank: rank 0
 holds prompt 0 and half of prompt 1, rank 1 the other half and prompt 2; with ROWS = 5, 5
 prompts, prompt 2 straddling."""
@@ -26,6 +27,14 @@ from test_trl import Recorder  # noqa: E402
 from test_trl_loss import peft_llama, tokenizer  # noqa: E402
 
 from functional_probe.integrations.trl import EntropyProbeCallback  # noqa: E402
+from functional_probe.integrations.trl_ranks import (  # noqa: E402
+    eval_share,
+    multi_process,
+    rank_seed,
+    slowest,
+    union_estimate,
+)
+from functional_probe.realized import estimate  # noqa: E402
 
 PROMPTS = ["t5 t6 t7", "t8 t9", "t10 t11 t12 t13", "t14", "t15 t16", "t17 t18 t19"]
 
@@ -55,6 +64,19 @@ class Inputs(Recorder):
         self.states.append((copy.deepcopy(optimizer.state_dict()), order))
 
 
+def helpers_on_ranks(rank: int, world: int) -> dict:
+    """trl_ranks' helpers on 2 gloo ranks: rows' prompts [5 6], [7] | [7], [8 9], [10] ([7]
+    straddles), eval prompts 5 and 3, per-prompt values 2 | 3."""
+    rows = [[[5, 6], [7]], [[7], [8, 9], [10]]][rank]
+    est = estimate(torch.tensor([[0.1, 0.4], [0.2, -0.3, 0.05]][rank], dtype=torch.float64))
+    five, three = [[1], [2], [3], [4], [5]], [[1], [2], [3]]
+    return dict(rows=eval_share(rows, True, of_rows=True), five=eval_share(five, True, of_rows=False),
+                three=eval_share(three, True, of_rows=False), seed=rank_seed(7, 3, True),
+                union=union_estimate(est, True), lone=union_estimate(None if rank else est, True),
+                slow=slowest({"seconds_a": 1.0 + rank, "seconds_b": 5.0 - rank}, True),
+                multi=multi_process(object()))  # fmt: skip
+
+
 def main(out: str, loss_type: str, rows: int) -> None:
     args = trl.GRPOConfig(
         output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, bf16=False, save_strategy="no",
@@ -75,6 +97,7 @@ def main(out: str, loss_type: str, rows: int) -> None:
                 type=accelerator.distributed_type.value, distributed=probe.distributed, logs=logs,
                 history=probe.history, inputs=rec.inputs, states=rec.states, grads=rec.grads, before=rec.before,
                 after=rec.after, loss=probe._loss, max_grad_norm=args.max_grad_norm)  # fmt: skip
+    dump["helpers"] = helpers_on_ranks(dump["rank"], dump["world"])
     Path(out, f"rank{dump['rank']}.pkl").write_bytes(pickle.dumps(dump))
 
 
