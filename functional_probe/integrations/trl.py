@@ -57,7 +57,7 @@ from ..sampling import Samples, sample
 from ..trl_config import TrainerLoss
 from ..trl_probe import TrainerProbe, trainer_probe
 from ..trl_rows import micro_batches_from_inputs
-from .trl_ranks import eval_share, multi_process, rank_seed, slowest, union_estimate
+from .trl_ranks import eval_share, multi_process, rank_seed, slowest, union_estimate, wait_for_all
 
 __all__ = ["EntropyProbeCallback", "ProbedStep"]
 
@@ -153,6 +153,7 @@ class EntropyProbeCallback(TrainerCallback):
         theta = {k: named[k].detach().clone() for k in self._model.lora}
         mbs = micro_batches_from_inputs(self._inputs)
         drawn, E = self.eval_batch(theta, prompts_of_rows(mbs), args, state.global_step)
+        wait_for_all(self.distributed)  # ranks sample unequal shards: not a rank missing the rendezvous
         probe = trainer_probe(self._model, theta, mbs, self._loss, E, optimizer=optimizer, named_params=named,
                               max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
                               method=self.method, microbatch=self.microbatch, distributed=self.distributed)  # fmt: skip

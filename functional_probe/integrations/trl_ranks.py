@@ -15,6 +15,9 @@ reached by all of them in the same order):
 - the realized ΔH: each rank on its E shard, then the per-prompt d_n of all ranks are gathered in
   rank order and value ± SE recomputed on the union (two-pass float64, `realized.estimate`), which
   is what one process holding the union computes;
+- after sampling E, a barrier: ranks sample unequal shards (or none), and `trainer_probe`'s
+  rendezvous would take a rank that is still sampling for one that never calls (ValueError
+  after its timeout, 10 s by default); the barrier waits as long as the process group allows;
 - the wall-clock costs logged are the slowest rank's (a MAX all_reduce), so every rank logs the
   same numbers.
 
@@ -32,7 +35,7 @@ import torch.distributed as dist
 from ..distributed import comm_device, rank_and_world, shard_range
 from ..realized import Estimate, estimate
 
-__all__ = ["eval_share", "multi_process", "rank_seed", "slowest", "union_estimate"]
+__all__ = ["eval_share", "multi_process", "rank_seed", "slowest", "union_estimate", "wait_for_all"]
 
 RANK_SEED_STRIDE = 2**32  # seeds of rank r: seed + step + r·2³² (distinct for < 2³² steps)
 
@@ -75,6 +78,12 @@ def eval_share(prompts: Sequence[Sequence[int]], distributed: bool, *, of_rows: 
 def rank_seed(seed: int, step: int, distributed: bool) -> int:
     """The sampler's seed of this rank at `step`: seed + step + rank·2³²."""
     return seed + step + (rank_and_world()[0] * RANK_SEED_STRIDE if distributed else 0)
+
+
+def wait_for_all(distributed: bool) -> None:
+    """A barrier under several processes (module docstring), nothing with one."""
+    if distributed:
+        dist.barrier()
 
 
 def union_estimate(est: Estimate | None, distributed: bool) -> Estimate:

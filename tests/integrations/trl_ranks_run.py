@@ -8,14 +8,18 @@ parameter names), an independent recorder's p.grad and θ before / after each op
 what `trl_ranks`' helpers return on this rank (`helpers_on_ranks`).
 G = 4 and GA = 2: with ROWS = 3, 12 rows per generation batch (3 prompts), 6 per rank: rank 0
 holds prompt 0 and half of prompt 1, rank 1 the other half and prompt 2; with ROWS = 5, 5
-prompts, prompt 2 straddling."""
+prompts, prompt 2 straddling. With ROWS = 3, rank 0's E sampling is also made 1.5 s slower than
+rank 1's (which has no E) while the rendezvous timeout is 0.5 s: ranks that are inside the
+callback, merely unequally busy, must not be taken for ranks that never call."""
 
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +30,7 @@ from datasets import Dataset  # noqa: E402
 from test_trl import Recorder  # noqa: E402
 from test_trl_loss import peft_llama, tokenizer  # noqa: E402
 
+import functional_probe.integrations.trl as callback_module  # noqa: E402
 from functional_probe.integrations.trl import EntropyProbeCallback  # noqa: E402
 from functional_probe.integrations.trl_ranks import (  # noqa: E402
     eval_share,
@@ -35,6 +40,7 @@ from functional_probe.integrations.trl_ranks import (  # noqa: E402
     union_estimate,
 )
 from functional_probe.realized import estimate  # noqa: E402
+from functional_probe.rendezvous import ENV_TIMEOUT  # noqa: E402
 
 PROMPTS = ["t5 t6 t7", "t8 t9", "t10 t11 t12 t13", "t14", "t15 t16", "t17 t18 t19"]
 
@@ -77,6 +83,14 @@ def helpers_on_ranks(rank: int, world: int) -> dict:
                 multi=multi_process(object()))  # fmt: skip
 
 
+def slowed(fn, seconds: float):
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return slow
+
+
 def main(out: str, loss_type: str, rows: int) -> None:
     args = trl.GRPOConfig(
         output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, bf16=False, save_strategy="no",
@@ -90,6 +104,10 @@ def main(out: str, loss_type: str, rows: int) -> None:
     rec = Inputs(trainer)
     trainer.add_callback(rec)
     probe = EntropyProbeCallback(every=1, eval_generations=2).attach(trainer)
+    if rows == 3:
+        os.environ[ENV_TIMEOUT] = "0.5"
+        if trainer.accelerator.process_index == 0:
+            callback_module.sample = slowed(callback_module.sample, 1.5)
     trainer.train()
     accelerator = trainer.accelerator
     logs = [e for e in trainer.state.log_history if "entropy_probe/delta_h1" in e]
