@@ -34,7 +34,7 @@ Logged (entropy changes in nats per token: the change of the per-token entropy r
 
 Several processes (DDP under accelerate or torchrun; `trl_ranks`): every rank probes its own rows
 and E shard and all ranks log the same numbers, those of one process on the union (B_E, B_U
-global; the seconds of the slowest rank). DeepSpeed and FSDP are refused at `attach`.
+global; the seconds of the slowest rank). DeepSpeed, FSDP and Megatron-LM are refused at `attach`.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ reached by all of them in the same order):
 - the wall-clock costs logged are the slowest rank's (a MAX all_reduce), so every rank logs the
   same numbers.
 
-DeepSpeed and FSDP shard the parameters / optimizer state across ranks, so no rank holds the full
-θ, p.grad and Adam moments the prediction needs: refused at `attach`.
+DeepSpeed, FSDP (also on XLA) and Megatron-LM shard the parameters / optimizer state across
+ranks, so no rank holds the full θ, p.grad and Adam moments the prediction needs: refused at
+`attach` (the Trainer's is_deepspeed_enabled / is_fsdp_enabled / is_fsdp_xla_enabled, or
+accelerate's distributed_type).
 """
 
 from __future__ import annotations
@@ -37,19 +39,23 @@ from ..realized import Estimate, estimate
 
 __all__ = ["eval_share", "multi_process", "rank_seed", "slowest", "union_estimate", "wait_for_all"]
 
+SHARDING_FLAGS = ("is_deepspeed_enabled", "is_fsdp_enabled", "is_fsdp_xla_enabled")  # Trainer attributes
+SHARDING_TYPES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # accelerate's DistributedType values
 RANK_SEED_STRIDE = 2**32  # seeds of rank r: seed + step + r·2³² (distinct for < 2³² steps)
 
 
 def multi_process(trainer) -> bool:
     """Whether `trainer` runs on several data-parallel processes (accelerate's num_processes or
-    the torch.distributed world size > 1). ValueError for DeepSpeed / FSDP (module docstring)."""
-    for flag, name in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")):
-        if getattr(trainer, flag, False):
-            raise ValueError(f"EntropyProbeCallback: trainer.{flag} is True; {name} shards the parameters and "
-                             "optimizer state across ranks, so no rank holds the θ, p.grad and Adam moments the "
-                             "prediction needs. Supported: one process, or data-parallel DDP (accelerate MULTI_CPU / "
-                             "MULTI_GPU, torchrun) with the full adapter on every rank")  # fmt: skip
+    the torch.distributed world size > 1). ValueError for DeepSpeed / FSDP / Megatron-LM (module docstring)."""
     accelerator = getattr(trainer, "accelerator", None)
+    kind = getattr(getattr(accelerator, "distributed_type", None), "value", None)
+    found = [f"trainer.{f} is True" for f in SHARDING_FLAGS if getattr(trainer, f, False)]
+    found += [f"accelerator.distributed_type is {kind}"] if kind in SHARDING_TYPES else []
+    if found:
+        raise ValueError(f"EntropyProbeCallback: {found[0]}; DeepSpeed, FSDP and Megatron-LM shard the parameters "
+                         "and optimizer state across ranks, so no rank holds the θ, p.grad and Adam moments the "
+                         "prediction needs. Supported: one process, or data-parallel DDP (accelerate MULTI_CPU / "
+                         "MULTI_GPU, torchrun) with the full adapter on every rank")  # fmt: skip
     return max(getattr(accelerator, "num_processes", 1), rank_and_world()[1]) > 1
 
 

@@ -160,11 +160,17 @@ class Trainer:
 
 def test_one_process_and_the_refusals():
     assert not multi_process(Trainer()) and multi_process(Trainer(processes=2))
-    for flag, name in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")):
+    kinds = [{"is_deepspeed_enabled": True}, {"is_fsdp_enabled": True}, {"is_fsdp_xla_enabled": True}]
+    for flags, what in zip(kinds, ("trainer.is_deepspeed_enabled", "trainer.is_fsdp_enabled", "trainer.is_fsdp_xla"),
+                           strict=True):  # fmt: skip
         probe = EntropyProbeCallback()
-        with pytest.raises(ValueError, match=f"trainer.{flag} is True; {name} shards"):
-            probe.attach(Trainer(**{flag: True}))
+        with pytest.raises(ValueError, match=f"{what}.* is True; DeepSpeed, FSDP and Megatron-LM shard"):
+            probe.attach(Trainer(**flags))
         assert probe.trainer is None
+    fsdp = Trainer(processes=2)
+    fsdp.accelerator.distributed_type = type("T", (), {"value": "FSDP"})()
+    with pytest.raises(ValueError, match="accelerator.distributed_type is FSDP; "):
+        multi_process(fsdp)
     assert eval_share(((1, 2), (3,)), False, of_rows=False) == [[1, 2], [3]]
     assert rank_seed(7, 3, False) == 10
     est = estimate(torch.tensor([0.1, 0.4, 0.2]))
