@@ -46,16 +46,17 @@ RANK_SEED_STRIDE = 2**32  # seeds of rank r: seed + step + r·2³² (distinct fo
 
 def multi_process(trainer) -> bool:
     """Whether `trainer` runs on several data-parallel processes (accelerate's num_processes or
-    the torch.distributed world size > 1). ValueError for DeepSpeed / FSDP / Megatron-LM (module docstring)."""
+    the torch.distributed world size > 1). ValueError for DeepSpeed / FSDP / Megatron-LM (module
+    docstring)."""
     accelerator = getattr(trainer, "accelerator", None)
     kind = getattr(getattr(accelerator, "distributed_type", None), "value", None)
     found = [f"trainer.{f} is True" for f in SHARDING_FLAGS if getattr(trainer, f, False)]
     found += [f"accelerator.distributed_type is {kind}"] if kind in SHARDING_TYPES else []
     if found:
-        raise ValueError(f"EntropyProbeCallback: {found[0]}; DeepSpeed, FSDP and Megatron-LM shard the parameters "
-                         "and optimizer state across ranks, so no rank holds the θ, p.grad and Adam moments the "
-                         "prediction needs. Supported: one process, or data-parallel DDP (accelerate MULTI_CPU / "
-                         "MULTI_GPU, torchrun) with the full adapter on every rank")  # fmt: skip
+        raise ValueError(f"EntropyProbeCallback: {found[0]}; DeepSpeed, FSDP and Megatron-LM shard the "
+                         "parameters and optimizer state across ranks, so no rank holds the θ, p.grad and Adam "
+                         "moments the prediction needs. Supported: one process, or data-parallel DDP (accelerate "
+                         "MULTI_CPU / MULTI_GPU, torchrun) with the full adapter on every rank")  # fmt: skip
     return max(getattr(accelerator, "num_processes", 1), rank_and_world()[1]) > 1
 
 
