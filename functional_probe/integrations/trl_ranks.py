@@ -12,12 +12,12 @@ reached by all of them in the same order):
   min(W, n // 2) ranks (`fp.realized_entropy_change` needs 2 per call for its SE), the others
   holding none (E = None there). The sampler's seed is offset by rank·2³², so no two ranks share
   draws;
-- the realized ΔH: each rank on its E shard, then the per-prompt d_n of all ranks are gathered in
-  rank order and value ± SE recomputed on the union (two-pass float64, `realized.estimate`), which
-  is what one process holding the union computes;
 - after sampling E, a barrier: ranks sample unequal shards (or none), and `trainer_probe`'s
   rendezvous would take a rank that is still sampling for one that never calls (ValueError
   after its timeout, 10 s by default); the barrier waits as long as the process group allows;
+- the realized ΔH: each rank on its E shard, then the per-prompt d_n of all ranks are gathered in
+  rank order and value ± SE recomputed on the union (two-pass float64, `realized.estimate`), which
+  is what one process holding the union computes;
 - the wall-clock costs logged are the slowest rank's (a MAX all_reduce), so every rank logs the
   same numbers.
 
