@@ -101,8 +101,8 @@ class EntropyProbeCallback(TrainerCallback):
     """See the module docstring. `every`: probe steps 0, every, 2·every, ... (global_step before the
     step). `eval_prompts`: token-id lists for E (default: the step's own prompts).
     `eval_generations`: samples per prompt of E (≥ 2). `method`: how s is computed (`fp.alpha_projections`).
-    `microbatch`: prompts per pass. `seed`: the sampler's seed (plus the step, so steps differ,
-    and rank·2³² under several processes)."""
+    `microbatch`: prompts per pass. `seed`: the sampler's seed (plus 2·step, so steps differ, +1 for the realized check's draws,
+    so they are not E's, and rank·2³² under several processes)."""
 
     def __init__(self, every: int = 1, *, eval_prompts: Sequence[Sequence[int]] | None = None,
                  eval_generations: int = 4, method: str = "jvp", microbatch: int | None = None,
@@ -190,7 +190,7 @@ class EntropyProbeCallback(TrainerCallback):
         if self._E is not None:
             cur.realized = realized_entropy_change(
                 self._model, cur.theta, cur.taken, self._E, [1.0], estimators=("crn", "rb"),
-                samples_per_prompt=self.eval_generations, seed=rank_seed(self.seed, state.global_step, self.distributed),
+                samples_per_prompt=self.eval_generations, seed=rank_seed(self.seed, state.global_step, self.distributed, stream=1),
                 **self.sampling(args))  # fmt: skip
         mine = cur.realized.points[0].estimates if cur.realized is not None else {}
         est = {e: union_estimate(mine.get(e), self.distributed) for e in ("rb", "crn")}

@@ -11,7 +11,7 @@ reached by all of them in the same order):
   `eval_prompts`; then split in contiguous shards of at least 2 prompts over the first
   min(W, n // 2) ranks (`fp.realized_entropy_change` needs 2 per call for its SE), the others
   holding none (E = None there). The sampler's seed is offset by rank·2³², so no two ranks share
-  draws;
+  draws, and the realized check draws from another stream than E;
 - after sampling E, a barrier: ranks sample unequal shards (or none), and `trainer_probe`'s
   rendezvous would take a rank that is still sampling for one that never calls (ValueError
   after its timeout, 10 s by default); the barrier waits as long as the process group allows;
@@ -41,7 +41,7 @@ __all__ = ["eval_share", "multi_process", "rank_seed", "slowest", "union_estimat
 
 SHARDING_FLAGS = ("is_deepspeed_enabled", "is_fsdp_enabled", "is_fsdp_xla_enabled")  # Trainer attributes
 SHARDING_TYPES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # accelerate's DistributedType values
-RANK_SEED_STRIDE = 2**32  # seeds of rank r: seed + step + r·2³² (distinct for < 2³² steps)
+RANK_SEED_STRIDE = 2**32  # seeds of rank r: seed + 2·step + stream + r·2³² (distinct for < 2³¹ steps)
 
 
 def multi_process(trainer) -> bool:
@@ -82,9 +82,12 @@ def eval_share(prompts: Sequence[Sequence[int]], distributed: bool, *, of_rows: 
     return [prompts[i] for i in shard_range(len(prompts), rank, active)] if rank < active else []
 
 
-def rank_seed(seed: int, step: int, distributed: bool) -> int:
-    """The sampler's seed of this rank at `step`: seed + step + rank·2³²."""
-    return seed + step + (rank_and_world()[0] * RANK_SEED_STRIDE if distributed else 0)
+def rank_seed(seed: int, step: int, distributed: bool, stream: int = 0) -> int:
+    """The sampler's seed of this rank at `step`: seed + 2·step + stream + rank·2³². Stream 0 draws E,
+    stream 1 the realized check's fresh responses, so the check never redraws E's own responses."""
+    if stream not in (0, 1):
+        raise ValueError(f"stream={stream!r}; expected 0 (E) or 1 (the realized check)")
+    return seed + 2 * step + stream + (rank_and_world()[0] * RANK_SEED_STRIDE if distributed else 0)
 
 
 def wait_for_all(distributed: bool) -> None:

@@ -23,7 +23,7 @@ from .dual_attention import BLOCK_K, BLOCK_Q, attention_primal, check_blocks
 from .functional import FunctionalModel
 from .group_linear import GroupLinear, layer_groups
 from .layers import rotary_cos_sin
-from .packing import Packing, needed
+from .packing import Packing, needed, row_sums
 
 
 def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
@@ -151,4 +151,4 @@ def fast_sequence_logprobs(
     with torch.no_grad():
         logp = head_logprobs(model.decoder.norm(x), model.head_weight, ids[rows, cols + 1],
                              temperature=temperature, chunk_size=chunk_tokens)  # fmt: skip
-        return logp.new_zeros(ids.shape[0]).index_add_(0, rows, logp).reshape(lead)
+        return row_sums(logp, rows, cols, ids.shape).reshape(lead)

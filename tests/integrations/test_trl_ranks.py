@@ -172,7 +172,7 @@ def test_one_process_and_the_refusals():
     with pytest.raises(ValueError, match="accelerator.distributed_type is FSDP; "):
         multi_process(fsdp)
     assert eval_share(((1, 2), (3,)), False, of_rows=False) == [[1, 2], [3]]
-    assert rank_seed(7, 3, False) == 10
+    assert rank_seed(7, 3, False) == 13 and rank_seed(7, 3, False, stream=1) == 14
     est = estimate(torch.tensor([0.1, 0.4, 0.2]))
     assert union_estimate(est, False) is est and slowest({"seconds_x": 1.5}, False) == {"seconds_x": 1.5}
 
@@ -183,7 +183,7 @@ def test_helpers_on_the_two_ranks(run):
     assert [g["rows"] for g in got] == [[[5, 6], [7]], [[8, 9], [10]]]  # [7] once, on rank 0
     assert [g["five"] for g in got] == [[[1], [2], [3]], [[4], [5]]]
     assert [g["three"] for g in got] == [[[1], [2], [3]], []]  # shards of ≥ 2: rank 1 holds none
-    assert [g["seed"] for g in got] == [10, 10 + 2**32]
+    assert [g["seed"] for g in got] == [13, 13 + 2**32]
     union, lone = mean_se([0.1, 0.4, 0.2, -0.3, 0.05]), mean_se([0.1, 0.4])
     for g in got:
         assert g["union"].per_prompt == [0.1, 0.4, 0.2, -0.3, 0.05]
