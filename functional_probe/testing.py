@@ -15,7 +15,7 @@ LoRA scaling and the attention mask were read the way transformers + PEFT read t
     with torch.no_grad():
         ours = model(model.lora, ids)                # logits [B, T, V]
         ref = peft_twin(model)(input_ids=ids).logits
-    print(((ours - ref).norm() / ref.norm()).item())  # ~1e-6 in fp32; >1e-4 means a mismatch
+    rel = ((ours - ref).norm() / ref.norm()).item()  # ~1e-6 in fp32; >1e-4 means a mismatch
 
 The library's own tests and `bench/` compare every fast path against this twin run with
 `torch.autograd`. `hf_twin` is the same model without LoRA; `base_state_dict` its weights.

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers import sample_rollouts
 
 import functional_probe as fp
-from functional_probe.demos.synthetic import sample_rollouts
 from functional_probe.model import tiny_model
 from functional_probe.rollouts import Rollouts, write_rollouts
 from functional_probe.testing import hf_twin, peft_twin
@@ -59,3 +59,14 @@ def enumerable_setup():
 
     model = enumerable_model()
     return model, model.lora, random_step(model.lora)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Errors must come before the model loads: loading raises here (returns the refusing stand-in)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was validated")
+
+    monkeypatch.setattr("functional_probe.model.load_model", refuse)
+    return refuse

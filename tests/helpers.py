@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+
 import torch
+from einops import repeat
 from torch import Tensor
+
+from functional_probe.cli import main
+from functional_probe.model import FunctionalModel
+from functional_probe.rollouts import Rollouts
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -117,3 +125,70 @@ def error_of(fn) -> str | None:
     except ValueError as err:
         return str(err)
     return None
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model: FunctionalModel,
+    lora: Mapping[str, Tensor],
+    *,
+    num_prompts: int,
+    group_size: int,
+    prompt_length: int = 8,
+    response_length: int = 12,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> Rollouts:
+    """Random prompts, G responses each sampled from the model (no KV cache: it is tiny),
+    truncated at random lengths; reward = share of response tokens in the lower half of the
+    vocabulary, centred per prompt into advantages as in GRPO."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.vocab_size, (num_prompts, prompt_length), generator=gen)
+    ids = repeat(prompts, "n t -> (n g) t", g=group_size).to(model.device)
+    for _ in range(response_length):
+        logits = model(lora, ids)[:, -1].float().cpu() / temperature  # [N·G, V]
+        nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+        ids = torch.cat([ids, nxt.to(ids.device)], dim=1)
+    lengths = torch.randint(
+        response_length // 2, response_length + 1, (num_prompts * group_size,), generator=gen
+    )
+    rows = ids[:, prompt_length:].cpu().tolist()
+    responses = [rows[i][: int(lengths[i])] for i in range(len(rows))]
+    rewards = torch.tensor([sum(t < model.vocab_size // 2 for t in r) / len(r) for r in responses])
+    adv = rewards.reshape(num_prompts, group_size)
+    adv = adv - adv.mean(1, keepdim=True)
+    group = lambda xs, n: xs[n * group_size : (n + 1) * group_size]  # noqa: E731
+    return Rollouts(
+        prompts=prompts.tolist(),
+        responses=[group(responses, n) for n in range(num_prompts)],
+        advantages=adv.tolist(),
+    )
+
+
+def run_args(saved_run, tmp_path, **override):
+    """`run --quiet` argv over the `saved_run` fixture's files; an override of None drops the option."""
+    base_dir, adapter_dir, root, _ = saved_run
+    args = {"--model": base_dir, "--adapter": adapter_dir, "--optimizer-state": root / "optimizer.pt",
+            "--lr": "1e-3", "--eval": root / "E.jsonl", "--update": root / "U.jsonl",
+            "--out": tmp_path / "r.json"}  # fmt: skip
+    args.update(override)
+    return ["run", "--quiet", *[str(x) for kv in args.items() if kv[1] is not None for x in kv]]
+
+
+def assert_usage_error(argv, capsys, *needles):
+    """`main(argv)` exits 2 with one line on stderr containing every needle."""
+    assert main(argv) == 2
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1, message
+    for needle in needles:
+        assert needle in message[0], message[0]
+
+
+def torch_step_delta(opt, params, grads, theta):
+    """Δθ of torch's own `opt.step()` on a copy of `opt` with p.grad = grads[name]: the reference step."""
+    twin = copy.deepcopy(opt)
+    copied = dict(zip(params, twin.param_groups[0]["params"], strict=True))  # the optimizer's order
+    for k, q in copied.items():
+        q.grad = grads[k]
+    twin.step()
+    return {k: q.detach() - theta[k] for k, q in copied.items()}

@@ -8,24 +8,13 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_usage_error, run_args
 
 import functional_probe as fp
 from functional_probe.cli import main
 from functional_probe.optimizer_state import save_optimizer_state
 from functional_probe.probe import probe
 from functional_probe.rollouts import Rollouts, read_rollouts, write_rollouts
-
-
-@pytest.mark.parametrize(("option", "value", "needle"), [
-    ("--scales", "0.5,-1", "--scales '0.5,-1': '-1' is not a finite number > 0"),
-    ("--scales", "0.5,x", "'x' is not a finite number > 0"), ("--scales", "nan", "'nan' is not"),
-    ("--check-samples", "1", "--check-samples 1: expected an integer >= 2"),
-])  # fmt: skip
-def test_bad_check_options_exit_2_before_any_work(saved_run, tmp_path, capsys, no_model_load, monkeypatch, option,
-                                                  value, needle):  # fmt: skip
-    monkeypatch.setattr("functional_probe.model.tiny_model", no_model_load)
-    assert_usage_error(["demo", "--first-order", option, value], capsys, needle)
-    assert_usage_error(run_args(saved_run, tmp_path) + ["--first-order", option, value], capsys, needle)
 
 
 def layers_swapped(names):
@@ -47,15 +36,6 @@ def named_state(saved_run, tmp_path_factory):
     save_optimizer_state(opt, params, root / "named.pt")
     torch.save(opt.state_dict(), root / "bare_swapped.pt")
     return root, fp.AdamState.from_optimizer(opt, params)
-
-
-def run_args(saved_run, tmp_path, **override):
-    base_dir, adapter_dir, root, _ = saved_run
-    args = {"--model": base_dir, "--adapter": adapter_dir, "--optimizer-state": root / "optimizer.pt",
-            "--lr": "1e-3", "--eval": root / "E.jsonl", "--update": root / "U.jsonl",
-            "--out": tmp_path / "r.json"}  # fmt: skip
-    args.update(override)
-    return ["run", "--quiet", *[str(x) for kv in args.items() if kv[1] is not None for x in kv]]
 
 
 def test_permuted_named_state_and_evaluation_file_without_advantages(saved_run, named_state, tmp_path):
@@ -110,25 +90,6 @@ def test_trainer_style_checkpoint_and_the_states_lr(saved_run, tmp_path):
     assert main(argv) == 0
     got = json.loads((tmp_path / "r.json").read_text())
     assert got["eta"] == pytest.approx(2e-3 * 0.9) and "Trainer.create_optimizer" in got["optimizer_state"]
-
-
-def assert_usage_error(argv, capsys, *needles):
-    assert main(argv) == 2
-    message = capsys.readouterr().err.strip().splitlines()
-    assert len(message) == 1, message
-    for needle in needles:
-        assert needle in message[0], message[0]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Errors must come before the model loads: loading raises here (returns the refusing stand-in)."""
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the input was validated")
-
-    monkeypatch.setattr("functional_probe.model.load_model", refuse)
-    return refuse
 
 
 def test_missing_model_directory_exits_2(saved_run, tmp_path, capsys, no_model_load):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import sample_rollouts
 
 import functional_probe as fp
-from functional_probe.demos.synthetic import sample_rollouts
 from functional_probe.first_order import etas_for_relative_steps, first_order_check
 from functional_probe.grads import dot
 

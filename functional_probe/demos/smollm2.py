@@ -167,7 +167,7 @@ def run_demo(model: FunctionalModel, tokenizer, *, prompts: int = 8, samples: in
     if check:
         say("entropy check: realized ΔH along θ + s·Δθ (fresh coupled samples)")
         step = exact_step(model, theta, U.batch, opt, params)
-        entropy = entropy_check(model, theta, step, E.batch, scales, delta_h1=result.delta_h1, delta_h1_se=result.se,
+        entropy = entropy_check(model, theta, step, E.batch, scales, delta_h1=result.delta_h1, delta_h1_se=result.se_conditional,
                                 samples_per_prompt=samples, max_new_tokens=max_new_tokens,
                                 eos_token_id=tokenizer.eos_token_id, seed=seed + 7)  # fmt: skip
     return DemoResult(result, entropy, train_rewards, float(E.rewards.mean()), float(U.rewards.mean()))

@@ -31,6 +31,10 @@ Logged (entropy changes in nats per token: the change of the per-token entropy r
     entropy_probe/step_rel_err           ‖Δθ_predicted − Δθ_taken‖/‖Δθ_taken‖
     entropy_probe/clip_coef, /B_E, /B_U  clipping factor; prompts in E and in the step
     entropy_probe/seconds_predict, /seconds_realized   wall-clock cost of the probe on this step
+
+Several processes (DDP under accelerate or torchrun; `trl_ranks`): every rank probes its own rows
+and E shard and all ranks log the same numbers, those of one process on the union (B_E, B_U
+global; the seconds of the slowest rank). DeepSpeed, FSDP and Megatron-LM are refused at `attach`.
 """
 
 from __future__ import annotations
@@ -48,11 +52,12 @@ from ..batch import make_batch
 from ..grads import dot64
 from ..model import from_peft
 from ..model.from_peft import unwrap_peft
-from ..realized import realized_entropy_change
-from ..sampling import sample
+from ..realized import RealizedEntropyChange, realized_entropy_change
+from ..sampling import Samples, sample
 from ..trl_config import TrainerLoss
 from ..trl_probe import TrainerProbe, trainer_probe
 from ..trl_rows import micro_batches_from_inputs
+from .trl_ranks import eval_share, multi_process, rank_seed, slowest, union_estimate, wait_for_all
 
 __all__ = ["EntropyProbeCallback", "ProbedStep"]
 
@@ -64,7 +69,8 @@ class ProbedStep:
     """What the callback kept of one probed step (also in `EntropyProbeCallback.history`):
     `step` the trainer's global step after it, `probe` the prediction, `theta` the LoRA dict
     before the step, `taken` the Δθ the optimizer applied, `p_grad` the trainer's clipped
-    gradient, `logs` the logged values."""
+    gradient, `logs` the logged values, `samples` the draw this rank's E was made of (None: no E
+    prompts on this rank), `realized` this rank's `fp.realized_entropy_change` (None likewise)."""
 
     step: int
     probe: TrainerProbe
@@ -72,6 +78,8 @@ class ProbedStep:
     taken: Dict | None = None
     p_grad: Dict | None = None
     logs: dict[str, float] | None = None
+    samples: Samples | None = None
+    realized: RealizedEntropyChange | None = None
 
 
 def rel_err(a: Dict, b: Dict) -> float:
@@ -93,7 +101,8 @@ class EntropyProbeCallback(TrainerCallback):
     """See the module docstring. `every`: probe steps 0, every, 2·every, ... (global_step before the
     step). `eval_prompts`: token-id lists for E (default: the step's own prompts).
     `eval_generations`: samples per prompt of E (≥ 2). `method`: how s is computed (`fp.alpha_projections`).
-    `microbatch`: prompts per pass. `seed`: the sampler's seed (plus the step, so steps differ)."""
+    `microbatch`: prompts per pass. `seed`: the sampler's seed (plus 2·step, so steps differ, +1 for the realized check's draws,
+    so they are not E's, and rank·2³² under several processes)."""
 
     def __init__(self, every: int = 1, *, eval_prompts: Sequence[Sequence[int]] | None = None,
                  eval_generations: int = 4, method: str = "jvp", microbatch: int | None = None,
@@ -108,11 +117,13 @@ class EntropyProbeCallback(TrainerCallback):
         self.trainer = None
         self._inputs: list[dict[str, Any]] | None = None
         self._model = self._loss = self._current = self._E = None
+        self.distributed = False
 
     def attach(self, trainer) -> EntropyProbeCallback:
         """Add the callback to `trainer` and record the micro-batches its compute_loss sees."""
         if self.trainer is not None:
             raise ValueError("this EntropyProbeCallback is attached to a trainer already")
+        self.distributed = multi_process(trainer)
         self.trainer = trainer
         original = trainer.compute_loss
 
@@ -141,21 +152,26 @@ class EntropyProbeCallback(TrainerCallback):
         named = {n: p for n, p in peft.named_parameters() if n in self._model.lora}
         theta = {k: named[k].detach().clone() for k in self._model.lora}
         mbs = micro_batches_from_inputs(self._inputs)
-        E = self.eval_batch(theta, prompts_of_rows(mbs), args, state.global_step)
+        drawn, E = self.eval_batch(theta, prompts_of_rows(mbs), args, state.global_step)
+        wait_for_all(self.distributed)  # ranks sample unequal shards: not a rank missing the rendezvous
         probe = trainer_probe(self._model, theta, mbs, self._loss, E, optimizer=optimizer, named_params=named,
                               max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-                              method=self.method, microbatch=self.microbatch)  # fmt: skip
+                              method=self.method, microbatch=self.microbatch, distributed=self.distributed)  # fmt: skip
         p_grad = {k: named[k].grad.detach().clone() for k in theta}
-        self._current = ProbedStep(state.global_step + 1, probe, theta, p_grad=p_grad)
+        self._current = ProbedStep(state.global_step + 1, probe, theta, p_grad=p_grad, samples=drawn)
         self._current.logs = {"seconds_predict": time.perf_counter() - start}
         self._E = E
 
-    def eval_batch(self, theta: Dict, prompts: list[list[int]], args, step: int):
-        """E: fresh samples at θ as the trainer samples, Lmax = max_completion_length."""
-        prompts = prompts if self.eval_prompts is None else [list(p) for p in self.eval_prompts]
+    def eval_batch(self, theta: Dict, prompts: list[list[int]], args, step: int) -> tuple[Samples | None, Any]:
+        """This rank's E (`trl_ranks`): fresh samples at θ as the trainer samples, Lmax =
+        max_completion_length; (the draw, the Batch), or (None, None) for no prompts."""
+        own = self.eval_prompts is None
+        prompts = eval_share(prompts if own else self.eval_prompts, self.distributed, of_rows=own)
+        if not prompts:
+            return None, None
         drawn = sample(self._model, theta, prompts, samples_per_prompt=self.eval_generations, **self.sampling(args),
-                       seed=self.seed + step)  # fmt: skip
-        return make_batch(prompts, drawn.responses(), max_lengths=[args.max_completion_length] * len(prompts))
+                       seed=rank_seed(self.seed, step, self.distributed))  # fmt: skip
+        return drawn, make_batch(prompts, drawn.responses(), max_lengths=[args.max_completion_length] * len(prompts))
 
     def sampling(self, args) -> dict[str, Any]:
         """The trainer's sampling settings (0 / 1.0 mean off in GRPOConfig)."""
@@ -171,10 +187,13 @@ class EntropyProbeCallback(TrainerCallback):
         start = time.perf_counter()
         named = dict(unwrap_peft(model).named_parameters())
         cur.taken = {k: named[k].detach().double() - v.double() for k, v in cur.theta.items()}
-        r = realized_entropy_change(self._model, cur.theta, cur.taken, self._E, [1.0], estimators=("crn", "rb"),
-                                    samples_per_prompt=self.eval_generations, seed=self.seed + state.global_step,
-                                    **self.sampling(args))  # fmt: skip
-        est = r.points[0].estimates
+        if self._E is not None:
+            cur.realized = realized_entropy_change(
+                self._model, cur.theta, cur.taken, self._E, [1.0], estimators=("crn", "rb"),
+                samples_per_prompt=self.eval_generations, seed=rank_seed(self.seed, state.global_step, self.distributed, stream=1),
+                **self.sampling(args))  # fmt: skip
+        mine = cur.realized.points[0].estimates if cur.realized is not None else {}
+        est = {e: union_estimate(mine.get(e), self.distributed) for e in ("rb", "crn")}
         res, pred = cur.probe.result, cur.probe
         clipped = {k: res.clip_coef * pred.grad[k] for k in pred.grad}
         cur.logs |= {
@@ -190,4 +209,6 @@ class EntropyProbeCallback(TrainerCallback):
         if cur is None:
             return
         self.history.append(cur)
+        seconds = [k for k in cur.logs if k.startswith("seconds_")]
+        cur.logs |= slowest({k: cur.logs[k] for k in seconds}, self.distributed)
         self.trainer.log({f"entropy_probe/{k}": float(v) for k, v in cur.logs.items()})

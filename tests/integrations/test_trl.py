@@ -98,6 +98,19 @@ def test_gradient_accumulation_and_clipping_that_binds():
     assert dict_rel_err({k: h.probe.result.clip_coef * v for k, v in h.probe.grad.items()}, rec.grads[0]) < TOL
 
 
+def test_realized_check_draws_fresh_responses_not_es(monkeypatch):
+    """The realized ΔH's responses at θ are new draws: were they E's own (the same seed), the check
+    would reuse the prediction's data instead of testing it."""
+    import functional_probe.realized as realized
+
+    drawn, original = [], realized.sample
+    monkeypatch.setattr(realized, "sample", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
+    trainer, probe, rec = train("grpo", steps=1, ga=1)
+    (h,) = probe.history
+    at_theta = drawn[0].responses()  # realized_entropy_change draws θ's responses first
+    assert len(at_theta) == len(h.samples.responses()) and at_theta != h.samples.responses()
+
+
 def test_bad_arguments_and_a_callback_without_attach():
     with pytest.raises(ValueError, match="every=0"):
         EntropyProbeCallback(every=0)
