@@ -43,8 +43,9 @@ def smollm2_config(vocab: int = 49152, layers: int = 30):
     )  # fmt: skip
 
 
-def smollm2_model(vocab: int = 49152, layers: int = 30):
-    """Random SmolLM2-shaped FunctionalModel, LoRA r=8 (both factors non-zero), fp32."""
+def smollm2_model(vocab: int = 49152, layers: int = 30, dtype=None):
+    """Random SmolLM2-shaped FunctionalModel, LoRA r=8 (both factors non-zero), in `dtype`
+    (None: fp32; the same random weights in any dtype, e.g. float64 for a reference)."""
     import torch
 
     from functional_probe.model.base_weights import dense_or_nf4
@@ -54,8 +55,9 @@ def smollm2_model(vocab: int = 49152, layers: int = 30):
     config = smollm2_config(vocab, layers)
     state = tiny_state_dict(config)
     state["model.embed_tokens.weight"] = state.pop("lm_head.weight")  # tied: the head's scale
-    frozen = dense_or_nf4(state.get, None, torch.float32, "cpu")
-    return build_model(config, state.get, frozen, tiny_lora(config, rank=RANK, alpha=2.0 * RANK))
+    dtype = dtype or torch.float32
+    frozen = dense_or_nf4(state.get, None, dtype, "cpu")
+    return build_model(config, state.get, frozen, tiny_lora(config, rank=RANK, alpha=2.0 * RANK), dtype=dtype)
 
 
 def long_batch(T: int, vocab: int = 49152, seed: int = 0):

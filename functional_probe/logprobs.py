@@ -21,7 +21,7 @@ from .head import chunked_logprobs
 from .model import FunctionalModel
 from .model.fast_primal import fast_sequence_logprobs
 from .model.kernels import PLAIN, Kernels, transform_active
-from .model.packing import Packing, needed
+from .model.packing import Packing, needed, row_sums
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -157,6 +157,5 @@ def sequence_logprobs_and_tangent(
     logp, logp_dot = head_logprobs_tangent(
         hidden, hidden_dot, model.head_weight, ids[rows, cols + 1], temperature=temperature, chunk_size=chunk_tokens
     )
-    S = logp.new_zeros(n * g).index_add_(0, rows, logp)
-    S_dot = logp_dot.new_zeros(n * g).index_add_(0, rows, logp_dot)
+    S, S_dot = (row_sums(v, rows, cols, ids.shape) for v in (logp, logp_dot))
     return S.reshape(n, g), S_dot.reshape(n, g)

@@ -32,9 +32,10 @@ from torch import Tensor
 
 from .decoder import Attention, Block
 from .dual_attention import BLOCK_K, BLOCK_Q, attention_pair, check_blocks
+from .fast_primal import layer_pass, rotate_into
 from .functional import FunctionalModel, default_mask, positions_from_mask
 from .group_linear import GroupLinear, layer_groups
-from .layers import RMSNorm, rotary_cos_sin
+from .layers import RMSNorm
 from .packing import Packing
 
 
@@ -134,17 +135,6 @@ def rms_norm_dual(norm: RMSNorm, x: Tensor, stacked: bool) -> Tensor:
     return out
 
 
-def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
-    """RoPE in the rotate-half convention, written into `out` (any strides, x's shape [..., d]):
-    out = [x₁ c − x₂ s, x₂ c + x₁ s] with halves x₁, x₂ and cos/sin halves c, s broadcasting."""
-    f = x.shape[-1] // 2
-    x1, x2, o1, o2 = x[..., :f], x[..., f:], out[..., :f], out[..., f:]
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
-
-
 def attention_dual(
     attn: Attention, qkv: Tensor, rotary: tuple[Tensor, ...], key_mask: Tensor, blocks: tuple[int, int]
 ) -> Tensor:
@@ -175,14 +165,6 @@ def attention_dual(
     out = qkv.new_empty(2, b, t, kh, r, d)
     attention_pair(qs, ks.view(2, b * kh, t, d), vv, key_mask, out, *blocks)
     return out.view(2, b, t, kh * r * d)
-
-
-def rotary_halves(cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, ...]:
-    """From layers.rotary_cos_sin's cos/sin [B, T, d] (= [c, c] and [s, s]):
-    (c, s, c_q, s_q), each [B, T, d/2], with c_q, s_q = (c, s)·d^-½ (the score scale folded into q)."""
-    half = cos.shape[-1] // 2
-    cos, sin = cos[..., :half], sin[..., :half]
-    return cos, sin, cos * head_dim**-0.5, sin * head_dim**-0.5
 
 
 def block_dual(
@@ -230,15 +212,12 @@ def dual_tokens(
     model.check_lora(lora)
     model.check_lora(direction)
     with torch.no_grad():
-        dec = model.decoder
-        x = F.embedding(packing.pack(input_ids), dec.embed_tokens)
-        cos, sin = rotary_cos_sin(packing.positions, dec.inv_freq, dec.attention_scaling, x.dtype)
-        rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
-        for i, block in enumerate(dec.layers):
-            keep = last if i == len(dec.layers) - 1 else None
-            x = block_dual(block, layer_linears(model, i, lora, direction), x, i > 0, rotary, packing,
-                           (block_q, block_k), keep)  # fmt: skip
-        out = rms_norm_dual(dec.norm, x, True)
+
+        def layer(i: int, block: Block, x: Tensor, rotary: tuple[Tensor, ...], keep: Tensor | None) -> Tensor:
+            linears = layer_linears(model, i, lora, direction)
+            return block_dual(block, linears, x, i > 0, rotary, packing, (block_q, block_k), keep)
+
+        out = rms_norm_dual(model.decoder.norm, layer_pass(model, input_ids, packing, layer, last), True)
         return out[0], out[1]
 
 

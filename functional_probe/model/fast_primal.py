@@ -19,12 +19,30 @@ from einops import rearrange
 from torch import Tensor
 
 from .decoder import Attention, Block
-from .dual import rotary_halves, rotate_into
 from .dual_attention import BLOCK_K, BLOCK_Q, attention_primal, check_blocks
 from .functional import FunctionalModel
 from .group_linear import GroupLinear, layer_groups
 from .layers import rotary_cos_sin
-from .packing import Packing, needed
+from .packing import Packing, needed, row_sums
+
+
+def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """RoPE in the rotate-half convention, written into `out` (any strides, x's shape [..., d]):
+    out = [x₁ c − x₂ s, x₂ c + x₁ s] with halves x₁, x₂ and cos/sin halves c, s broadcasting."""
+    f = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :f], x[..., f:], out[..., :f], out[..., f:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+
+
+def rotary_halves(cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, ...]:
+    """From layers.rotary_cos_sin's cos/sin [B, T, d] (= [c, c] and [s, s]):
+    (c, s, c_q, s_q), each [B, T, d/2], with c_q, s_q = (c, s)·d^-½ (the score scale folded into q)."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    return cos, sin, cos * head_dim**-0.5, sin * head_dim**-0.5
 
 
 def attention_fast(
@@ -66,6 +84,21 @@ def block_fast(
     return x
 
 
+def layer_pass(
+    model: FunctionalModel, input_ids: Tensor, packing: Packing, layer, last: Tensor | None
+) -> Tensor:
+    """The layer loop of the no-graph passes (this primal and the dual): x = embedding of `packing`'s
+    tokens of input_ids [B, T], then x = layer(i, block, x, rotary, keep) per block, rotary from
+    `rotary_halves` at the tokens' positions, keep = `last` at the last block (else None)."""
+    dec = model.decoder
+    x = F.embedding(packing.pack(input_ids), dec.embed_tokens)
+    cos, sin = rotary_cos_sin(packing.positions, dec.inv_freq, dec.attention_scaling, x.dtype)
+    rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
+    for i, block in enumerate(dec.layers):
+        x = layer(i, block, x, rotary, last if i == len(dec.layers) - 1 else None)
+    return x
+
+
 def fast_tokens(
     model: FunctionalModel, lora: Mapping[str, Tensor], input_ids: Tensor, packing: Packing,
     *, last: Tensor | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
@@ -75,14 +108,13 @@ def fast_tokens(
     model.check_lora(lora)
     check_blocks(block_q, block_k)
     with torch.no_grad():
-        dec = model.decoder
-        x = F.embedding(packing.pack(input_ids), dec.embed_tokens)
-        cos, sin = rotary_cos_sin(packing.positions, dec.inv_freq, dec.attention_scaling, x.dtype)
-        rotary = rotary_halves(cos, sin, dec.cfg.head_dim)
-        for i, block in enumerate(dec.layers):
-            keep = last if i == len(dec.layers) - 1 else None
-            x = block_fast(block, layer_groups(model, i, lora), x, rotary, packing, (block_q, block_k), keep)
-        return x
+
+        def layer(i: int, block: Block, x: Tensor, rotary: tuple[Tensor, ...], keep: Tensor | None) -> Tensor:
+            return block_fast(
+                block, layer_groups(model, i, lora), x, rotary, packing, (block_q, block_k), keep
+            )
+
+        return layer_pass(model, input_ids, packing, layer, last)
 
 
 def head_logprobs(
@@ -119,4 +151,4 @@ def fast_sequence_logprobs(
     with torch.no_grad():
         logp = head_logprobs(model.decoder.norm(x), model.head_weight, ids[rows, cols + 1],
                              temperature=temperature, chunk_size=chunk_tokens)  # fmt: skip
-        return logp.new_zeros(ids.shape[0]).index_add_(0, rows, logp).reshape(lead)
+        return row_sums(logp, rows, cols, ids.shape).reshape(lead)

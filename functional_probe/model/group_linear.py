@@ -82,26 +82,36 @@ def group_linear(
     'layers.0.self_attn.q_proj'; `keys` maps internal LoRA names to the keys of `lora`).
     merge=None: merged iff the frozen weights are fp32/fp64. A merged weight is formed in the
     promoted dtype of W and B A and rounded once to W's dtype."""
-    weights, biases, loras, start = [], [], [], 0
-    first = (modules[0].base if isinstance(modules[0], LoRALinear) else modules[0]).dequantized_weight()
-    merged = first.dtype in MERGED_DTYPES if merge is None else bool(merge)
-    for module, name in zip(modules, names, strict=True):
-        base = module.base if isinstance(module, LoRALinear) else module
-        weight = base.dequantized_weight()
+    bases = [m.base if isinstance(m, LoRALinear) else m for m in modules]
+    weights = [base.dequantized_weight() for base in bases]
+    merged = weights[0].dtype in MERGED_DTYPES if merge is None else bool(merge)
+    # one fresh [Σ out, in] buffer (a lone frozen weight is copied only when LoRA is merged into it)
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    loras, start = [], 0
+    for module, name, w in zip(modules, names, weights, strict=True):
+        rows = slice(start, start + w.shape[0])
         if isinstance(module, LoRALinear):
             pair = (keys[f"{name}.lora_A"], keys[f"{name}.lora_B"])
             a, b = lora[pair[0]], lora[pair[1]]
-            loras.append(LoraTerm(slice(start, start + weight.shape[0]), pair, a, b, module.scaling))
+            loras.append(LoraTerm(rows, pair, a, b, module.scaling))
             if merged:
-                weight = (weight + module.scaling * (b @ a)).to(weight.dtype)
-        weights.append(weight)
-        biases.append(base.bias)
-        start += weight.shape[0]
+                weight = weight.clone() if weight is w else weight
+                merge_into(weight[rows], a, b, module.scaling)
+        start = rows.stop
     bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases, strict=True)])
-    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    if any(base.bias is not None for base in bases):
+        bias = torch.cat([w.new_zeros(w.shape[0]) if base.bias is None else base.bias
+                          for w, base in zip(weights, bases, strict=True)])  # fmt: skip
     return GroupLinear(weight, bias, tuple(w.shape[0] for w in weights), tuple(loras), merged)
+
+
+def merge_into(rows: Tensor, a: Tensor, b: Tensor, scaling: float) -> None:
+    """rows [out, in] (a view of the group's weight) += s·B A in place: one addmm when the dtypes
+    agree (no B A temporary, no copy), else formed in the promoted dtype and rounded once."""
+    if a.dtype == b.dtype == rows.dtype:
+        rows.addmm_(b, a, alpha=scaling)
+    else:
+        rows.copy_(rows + scaling * (b @ a))
 
 
 def layer_groups(
