@@ -5,9 +5,12 @@ Parts (each one short run under the bench lock; results merge into bench/results
 a part already there is skipped unless --redo; calibration resumes replicate by replicate):
 
 * sweep — E, U: `--prompts` × `--samples` sampled at θ; δH₁ ± SE of the exact next AdamW step
-  (`fp.probe(optimizer=...)`, x_estimator "loo"); `fp.entropy_check` along θ + s·Δθ for `--scales`
-  against fresh coupled sampling ("crn") and Rao–Blackwellised entropies ("rb"), `--check-samples`
-  per prompt: the log-log slope and R² of realized vs predicted over the first-order range; the
+  (`fp.probe(optimizer=...)`, `--x-estimator`); `fp.entropy_check` along θ + s·Δθ for `--scales`
+  against fresh coupled sampling ("crn"), its Rao–Blackwellised entropies ("rb") and θ's fresh
+  responses reweighted to θ' ("rb_is"), `--check-samples` per prompt, the prediction ± its SE
+  given U (se_conditional: the step is fixed): the log-log slope and R² of realized vs predicted
+  over the first-order range, and per scale realized/predicted and z = (realized − predicted) /
+  hypot(SEs) (the slope is blind to a constant factor: the ratio is the magnitude check); the
   batch that resolves δH₁ at 3 SE from the measured variance, B_needed = B·(3·SE/|δH₁|)² (SE ∝ 1/√B
   with B = B_E = B_U). PNG: bench/results/smollm2_eta_sweep.png.
 * estimators — on the sweep's E (same draws) and step: the SE of δH₁ = <μX, Δθ> by
@@ -40,7 +43,7 @@ from functional_probe.fetch import cache_dir, fetch_model
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "smollm2_eta_sweep.json"
-SCALES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # the step itself is ~4% of ‖θ‖ after 3 AdamW steps at lr 1e-3
+SCALES = (0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0)  # the step is ~4% of ‖θ‖ after 3 AdamW steps at lr 1e-3; s* ≈ 0.4
 
 
 def trained(args, model, tokenizer):
@@ -71,23 +74,34 @@ def sizes(args) -> dict:
                 threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())  # fmt: skip
 
 
-def probe_of(model, theta, E, U, opt, params) -> dict:
-    r = fp.probe(model, theta, E.batch, U.batch, optimizer=opt, named_params=params)
-    return dict(delta_h1=r.delta_h1, se=r.se, se_conditional=r.se_conditional, V_X=r.V_X, V_Y=r.V_Y, B_E=r.B_E,
-                B_U=r.B_U, eta=r.eta, seconds=r.timings["total"], E_reward=float(E.rewards.mean()),
-                U_reward=float(U.rewards.mean()))  # fmt: skip
+def probe_of(model, theta, E, U, opt, params, x_estimator: str = "loo") -> dict:
+    r = fp.probe(model, theta, E.batch, U.batch, optimizer=opt, named_params=params, x_estimator=x_estimator)
+    return dict(delta_h1=r.delta_h1, se=r.se, se_conditional=r.se_conditional, se_jackknife=r.se_jackknife,
+                V_X=r.V_X, V_Y=r.V_Y, B_E=r.B_E, B_U=r.B_U, eta=r.eta, x_estimator=x_estimator,
+                seconds=r.timings["total"], E_reward=float(E.rewards.mean()), U_reward=float(U.rewards.mean()))  # fmt: skip
+
+
+def agreement(check: EntropyCheck) -> dict:
+    """Per estimator and scale: realized / predicted and z = (realized − predicted) / hypot(SEs)."""
+    out = {}
+    for e in check.estimators:
+        out[e] = [dict(scale=p.scale, ratio=p.realized[e] / p.predicted,
+                       z=(p.realized[e] - p.predicted) / math.hypot(p.realized_se[e], p.predicted_se))
+                  for p in check.points]  # fmt: skip
+    return out
 
 
 def sweep(args, model, tokenizer, draw, theta, opt, params) -> dict:
     E, U = draw(theta, args.train_steps), draw(theta, args.train_steps + 1)
-    p = probe_of(model, theta, E, U, opt, params)
+    p = probe_of(model, theta, E, U, opt, params, args.x_estimator)
     step = exact_step(model, theta, U.batch, opt, params)
     start = time.perf_counter()
-    check = fp.entropy_check(model, theta, step, E.batch, args.scales, delta_h1=p["delta_h1"], delta_h1_se=p["se"],
-                             samples_per_prompt=args.check_samples, max_new_tokens=args.max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, seed=args.seed + 7)  # fmt: skip
-    b_needed = p["B_E"] * (3 * p["se"] / abs(p["delta_h1"])) ** 2
-    return dict(probe=p, check=check.to_dict(), check_seconds=time.perf_counter() - start,
+    check = fp.entropy_check(model, theta, step, E.batch, args.scales, delta_h1=p["delta_h1"],
+                             delta_h1_se=p["se_conditional"], samples_per_prompt=args.check_samples,
+                             max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             seed=args.seed + 7)  # fmt: skip
+    b_needed = {k: p["B_E"] * (3 * p[k] / abs(p["delta_h1"])) ** 2 for k in ("se", "se_conditional", "se_jackknife")}
+    return dict(probe=p, check=check.to_dict(), agreement=agreement(check), check_seconds=time.perf_counter() - start,
                 check_samples=args.check_samples, b_needed_3se=b_needed)  # fmt: skip
 
 
@@ -104,27 +118,31 @@ def estimators(args, model, tokenizer, draw, theta, opt, params) -> dict:
     return out
 
 
-def calibration(args, model, tokenizer, draw, theta, opt, params, done: dict | None, deadline: float) -> dict:
+def calibration(args, model, tokenizer, draw, theta, opt, params, done: dict | None, deadline: float,
+                part: str) -> dict:  # fmt: skip
     """Replicates r = len(done's) .. R−1 until the deadline; the χ² over all replicates so far."""
     reps = list(done["replicates"]) if done else []
     pdraw = batches(model, tokenizer, prompts=args.replicate_prompts, samples=args.samples,
                     max_new_tokens=args.max_new_tokens, seed=args.seed + 1)  # fmt: skip
     while len(reps) < args.replicates and time.time() < deadline:
         r = len(reps)
-        reps.append(probe_of(model, theta, pdraw(theta, 2 * r), pdraw(theta, 2 * r + 1), opt, params))
-        save_part("calibration", summary(reps, args))
+        reps.append(probe_of(model, theta, pdraw(theta, 2 * r), pdraw(theta, 2 * r + 1), opt, params, args.x_estimator))
+        save_part(part, summary(reps, args))
     return summary(reps, args)
 
 
 def summary(reps: list[dict], args) -> dict:
     d = torch.tensor([r["delta_h1"] for r in reps], dtype=torch.float64)
-    se2 = torch.tensor([r["se"] ** 2 for r in reps], dtype=torch.float64)
     out = dict(replicates=reps, R=len(reps), replicate_prompts=args.replicate_prompts, samples=args.samples)
     if len(reps) >= 2:
         spread = float(((d - d.mean()) ** 2).sum())
-        out |= dict(chi2=spread / float(se2.mean()), dof=len(reps) - 1, mean=float(d.mean()),
-                    sd=math.sqrt(spread / (len(reps) - 1)), rms_se=math.sqrt(float(se2.mean())))  # fmt: skip
-        out["sd_over_rms_se"] = out["sd"] / out["rms_se"]
+        out |= dict(dof=len(reps) - 1, mean=float(d.mean()), sd=math.sqrt(spread / (len(reps) - 1)))
+        for name in ("se", "se_jackknife"):
+            if all(r.get(name) is not None for r in reps):
+                ms = sum(r[name] ** 2 for r in reps) / len(reps)
+                tag = "" if name == "se" else "_jackknife"
+                out |= {f"chi2{tag}": spread / ms, f"rms_se{tag}": math.sqrt(ms),
+                        f"sd_over_rms_se{tag}": out["sd"] / math.sqrt(ms)}  # fmt: skip
     return out
 
 
@@ -158,6 +176,7 @@ def main() -> None:
     p.add_argument(
         "--check-samples", type=int, default=4, help="fresh responses per prompt of the realized ΔH"
     )
+    p.add_argument("--x-estimator", choices=["loo", "rb"], default="rb", help="sweep/calibration: the probe's X loss")
     p.add_argument("--replicates", type=int, default=10)
     p.add_argument("--replicate-prompts", type=int, default=8)
     p.add_argument("--minutes", type=float, default=12.0, help="calibration: start no replicate after this")
@@ -166,7 +185,8 @@ def main() -> None:
     deadline, doc = time.time() + 60 * args.minutes, load()
     if args.part == "plot":
         return plot(doc)
-    old = doc.get(args.part)
+    part = args.part if args.part != "calibration" or args.x_estimator == "loo" else f"calibration_{args.x_estimator}"
+    old = doc.get(part)
     if old is not None and not args.redo and (args.part != "calibration" or old["R"] >= args.replicates):
         return print(f"{args.part}: already in {OUT} (--redo to remeasure)")
     start = time.perf_counter()
@@ -179,13 +199,13 @@ def main() -> None:
     run = dict(sweep=sweep, estimators=estimators)
     if args.part == "calibration":
         value = calibration(
-            args, model, tokenizer, draw, theta, opt, params, None if args.redo else old, deadline
+            args, model, tokenizer, draw, theta, opt, params, None if args.redo else old, deadline, part
         )
     else:
         value = run[args.part](args, model, tokenizer, draw, theta, opt, params)
     value |= dict(sizes=sizes(args), train_rewards=rewards, seconds=time.perf_counter() - start,
                   load_average=os.getloadavg()[0])  # fmt: skip
-    save_part(args.part, value)
+    save_part(part, value)
     if args.part == "sweep":
         plot(load())
     print(json.dumps({k: v for k, v in value.items() if k not in ("check", "replicates")}, indent=2))

@@ -5,7 +5,8 @@ p.grad = −mean ∇Ly over U, as `fp.next_step` gives it). The check walks θ +
 s of `--scales` (s = 1 is the probed step) and sets the prediction s·δH₁ ± SE (and δH₁ + δH₂, the
 curvature by jvp of jvp) against the realized change ΔH(s) of the per-token entropy rate,
 measured on `--check-samples` fresh responses per prompt of E at θ and at each θ + s·Δθ (common
-random numbers: "crn"; their full-vocabulary token entropies: "rb"). See `entropy_check`.
+random numbers: "crn"; their full-vocabulary token entropies: "rb"; θ's responses reweighted to θ'
++ s·Δθ token by token: "rb_is"). See `entropy_check`.
 
 The prediction's SE here is the probe's `se_conditional` (E's sampling only): Δθ is fixed
 by U, so U's sampling noise is no part of the comparison along it.

@@ -107,23 +107,29 @@ def token_statistics(
 def sequence_statistics(
     model: FunctionalModel, lora: Mapping[str, Tensor], batch: Batch, *, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, microbatch: int | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS, per_token: bool = False,
 ) -> TokenStats:  # fmt: skip
     """Teacher-forced TokenStats summed over each response: fields [N, G] float64 (nats).
 
     `logp` is the project's S (π = softmax(z/τ)); `logq` the log-probability under the
     filtered sampling distribution; `entropy` Σ_t C_t. `microbatch` prompts run at a time.
+    `per_token`: the unsummed values instead, [N, G, T_r] (T_r the longest response; 0 past
+    each response's end).
     """
     temperature = check_temperature(temperature)
     top_k, top_p = check_filters(top_k, top_p, model.vocab_size)
     batch = prepared(model, batch)
     head = dict(temperature=temperature, top_k=top_k, top_p=top_p, chunk_rows=chunk_rows)
-    parts = [response_sums(model, lora, part, **head) for part in batch.split(microbatch or len(batch))]
-    return TokenStats(*(torch.cat(col) for col in zip(*parts, strict=True)))
+    parts = [response_tokens(model, lora, part, **head) for part in batch.split(microbatch or len(batch))]
+    width = max(v.shape[-1] for part in parts for v in part)  # microbatches are trimmed: pad them back
+    pad = lambda v: torch.nn.functional.pad(v, (0, width - v.shape[-1]))  # noqa: E731
+    return TokenStats(*(torch.cat([pad(v) for v in col]) if per_token else torch.cat([v.sum(-1) for v in col])
+                        for col in zip(*parts, strict=True)))  # fmt: skip
 
 
-def response_sums(model: FunctionalModel, lora: Mapping[str, Tensor], batch: Batch, **head) -> list[Tensor]:
-    """[logp, logq, entropy] summed over each response of a prepared batch, each [N, G] float64."""
+def response_tokens(model: FunctionalModel, lora: Mapping[str, Tensor], batch: Batch, **head) -> list[Tensor]:
+    """[logp, logq, entropy] at each response position of a prepared batch, each [N, G, T − P]
+    float64 (0 at padding)."""
     n, g, p = batch.num_prompts, batch.group_size, batch.prompt_end
     flat = lambda t: t.reshape(n * g, -1)  # noqa: E731  [N·G, T]
     ids = flat(batch.input_ids)
@@ -131,4 +137,6 @@ def response_sums(model: FunctionalModel, lora: Mapping[str, Tensor], batch: Bat
         hidden = model.hidden_states(lora, ids, flat(batch.attention_mask), flat(batch.position_ids))
     rows, cols = flat(batch.response_mask)[:, p:].nonzero(as_tuple=True)  # M response tokens
     stats = token_statistics(hidden[:, p - 1 : -1][rows, cols], model.head_weight, ids[:, p:][rows, cols], **head)
-    return [v.new_zeros(n * g).index_add_(0, rows, v).reshape(n, g) for v in (stats.logp, stats.logq, stats.entropy)]
+    width = ids.shape[1] - p
+    return [v.new_zeros(n * g, width).index_put_((rows, cols), v).reshape(n, g, width)
+            for v in (stats.logp, stats.logq, stats.entropy)]  # fmt: skip

@@ -21,8 +21,11 @@ scale s, per prompt n a difference d_n is formed and ΔH = mean_n d_n, SE = sqrt
 * ``rb`` — on the same samples, −S(y) replaced by Σ_t C_t, C_t = −Σ_v q_v log π_v the
   full-vocabulary (cross-)entropy at each response position (E[−log π(y_t) | y_<t] = C_t):
   d_n = mean_g(R'_g − R_g) / Lmax[n], lower variance at the same draws.
+* ``rb_is`` — θ's fresh responses only, teacher-forced at θ', token entropies reweighted by
+  prefix importance weights with a leave-one-out control variate (`realized_is`): smooth in s,
+  its SE ∝ s at small s where crn/rb decouple; unfiltered sampling only, ESS and clip as snis.
 
-`crn` and `rb` estimate the H of the sampler settings passed here; `snis` that of whatever
+`crn`, `rb` and `rb_is` estimate the H of the sampler settings passed here; `snis` that of whatever
 produced E — equal when E was sampled with the same temperature, filters, EOS and length cap.
 """
 
@@ -43,10 +46,12 @@ from .grads import dot64
 from .logprobs import check_temperature, prepared
 from .model import FunctionalModel
 from .model.functional import check_same_keys_and_shapes
+from .realized_is import rb_is_terms, samples_batch
 from .sampling import Samples, check_sampling_args, sample
 from .stats import moments
 
-ESTIMATORS = ("snis", "crn", "rb")
+ESTIMATORS = ("snis", "crn", "rb", "rb_is")
+REWEIGHTED = ("snis", "rb_is")  # importance weights: unfiltered sampling only
 
 
 class EntropyEstimateWarning(UserWarning):
@@ -117,14 +122,21 @@ def snis_estimate(base: TokenStats, moved: TokenStats, lmax: Tensor, clip: float
     w = torch.minimum(log_w, cap).softmax(1)
     ess = 1.0 / w.square().sum(1)  # [N]
     d = ((w * -moved.logp).sum(1) - (-base.logp).mean(1)) / lmax
+    return weighted_estimate("snis", d, ess, group, int(clipped.sum()), clip, ess_warn_fraction, scale)
+
+
+def weighted_estimate(name: str, d: Tensor, ess: Tensor, group: int, clipped: int, clip: float,
+                      ess_warn_fraction: float, scale: float) -> Estimate:  # fmt: skip
+    """Estimate of per-prompt d [N] with the importance weights' diagnostics; warns
+    (EntropyEstimateWarning) when the smallest ESS [N] falls below `ess_warn_fraction`·`group`."""
     worst = int(ess.argmin())
     if float(ess[worst]) < ess_warn_fraction * group:
         warnings.warn(EntropyEstimateWarning(
-            f"snis at scale {scale}: effective sample size {float(ess[worst]):.2f} of G = {group} on prompt "
-            f"{worst} (below {ess_warn_fraction} G); importance sampling on E's responses has collapsed "
-            "at this step size, prefer crn/rb"), stacklevel=3)  # fmt: skip
-    return estimate(d, clip=clip, clipped=int(clipped.sum()), ess_min=float(ess.min()),
-                    ess_mean=float(ess.mean()), ess_per_prompt=ess.tolist())  # fmt: skip
+            f"{name} at scale {scale}: effective sample size {float(ess[worst]):.2f} of {group} responses on "
+            f"prompt {worst} (below {ess_warn_fraction} of them); the importance weights have collapsed at "
+            "this step size, prefer crn/rb"), stacklevel=4)  # fmt: skip
+    return estimate(d, clip=clip, clipped=clipped, ess_min=float(ess.min()), ess_mean=float(ess.mean()),
+                    ess_per_prompt=ess.tolist())  # fmt: skip
 
 
 def sampled_estimates(base: Samples, moved: Samples, lmax: Tensor, wanted: Sequence[str]) -> dict[str, Estimate]:
@@ -156,7 +168,7 @@ def step_rounding(lora: Mapping[str, Tensor], theta: Mapping[str, Tensor], step:
 
 
 def check_arguments(model: FunctionalModel, lora, step, E, scales, estimators, ess_warn_fraction, snis_clip,
-                    filters):  # fmt: skip
+                    filters, samples_per_prompt):  # fmt: skip
     """ValueError naming the first bad argument; returns (scales, estimators) as lists."""
     model.check_lora(lora)
     check_same_keys_and_shapes({k: v.shape for k, v in lora.items()}, step, what="step", owner="lora")
@@ -173,10 +185,13 @@ def check_arguments(model: FunctionalModel, lora, step, E, scales, estimators, e
         raise ValueError(f"estimators={estimators!r}; expected a non-empty subset of {ESTIMATORS}")
     if not isinstance(E, Batch) or len(E) < 2:
         raise ValueError(f"E must be a Batch of at least 2 prompts (the SE is over prompts), got {E!r:.80}")
-    if "snis" in estimators and any(f is not None for f in check_filters(*filters, model.vocab_size)):
-        raise ValueError(f"snis needs unfiltered sampling, got top_k, top_p = {filters}: the support of the "
-                         "filtered distribution moves with θ, so E's responses cannot be reweighted to θ'; "
+    weighted = [e for e in estimators if e in REWEIGHTED]
+    if weighted and any(f is not None for f in check_filters(*filters, model.vocab_size)):
+        raise ValueError(f"{weighted[0]} needs unfiltered sampling, got top_k, top_p = {filters}: the support of "
+                         "the filtered distribution moves with θ, so responses cannot be reweighted to θ'; "
                          "use estimators=('crn', 'rb')")  # fmt: skip
+    if "rb_is" in estimators and samples_per_prompt == 1:  # other bad values: the sampler's own check
+        raise ValueError(f"rb_is needs samples_per_prompt >= 2 (its leave-one-out baseline), got {samples_per_prompt!r}")
     if "snis" in estimators and E.group_size < 2:
         raise ValueError(f"snis needs at least 2 responses per prompt in E, got G = {E.group_size}")
     if not (isinstance(ess_warn_fraction, int | float) and 0 < ess_warn_fraction <= 1):
@@ -184,6 +199,13 @@ def check_arguments(model: FunctionalModel, lora, step, E, scales, estimators, e
     if snis_clip is not None and not (isinstance(snis_clip, int | float) and 0 <= snis_clip < math.inf):
         raise ValueError(f"snis_clip={snis_clip!r}; expected None or a finite number >= 0")
     return [float(s) for s in scales], list(estimators)
+
+
+def rb_is_estimate(base: TokenStats, moved: TokenStats, lmax: Tensor, clip: float, ess_warn_fraction: float,
+                   scale: float) -> Estimate:  # fmt: skip
+    """The rb_is difference (`realized_is`) from per-token stats [N, G', T] at θ and θ'."""
+    d, ess, clipped = rb_is_terms(base, moved, lmax, clip)
+    return weighted_estimate("rb_is", d, ess, base.logp.shape[1], clipped, clip, ess_warn_fraction, scale)
 
 
 def prompts_of(E: Batch) -> list[list[int]]:
@@ -217,21 +239,23 @@ def realized_entropy_change(
     Fresh samples (crn, rb): `samples_per_prompt` per prompt of E, up to `max_new_tokens`
     (default: the largest Lmax of E) or an EOS id, drawn with `seed`; θ's samples are drawn once
     and reused for every scale. snis: E's responses, teacher-forced at θ and each θ',
-    `microbatch` prompts at a time; `snis_clip` is c above (None: ½·log G). Units: nats per
+    `microbatch` prompts at a time; `snis_clip` is c above (None: ½·log G; rb_is: ½·log G'). Units: nats per
     token (ΔH of the per-token entropy rate with Lmax fixed), like δH₁. See the module docstring.
     """
     scales, estimators = check_arguments(model, lora, step, E, scales, estimators, ess_warn_fraction, snis_clip,
-                                         (top_k, top_p))  # fmt: skip
+                                         (top_k, top_p), samples_per_prompt)  # fmt: skip
     E = prepared(model, E)
     check_temperature(temperature)
     max_new_tokens = int(E.max_lengths.max()) if max_new_tokens is None else max_new_tokens
-    sampled = [e for e in estimators if e in ("crn", "rb")]
+    sampled = [e for e in estimators if e in ("crn", "rb", "rb_is")]
+    coupled = [e for e in sampled if e != "rb_is"]
     if sampled:  # the sampler's own checks, before any heavy work
         check_filters(top_k, top_p, model.vocab_size)
         check_sampling_args(model, prompts_of(E), samples_per_prompt, max_new_tokens, eos_token_id, seed, None,
                             max_rows)  # fmt: skip
     lmax = E.max_lengths.double().cpu()
     clip = 0.5 * math.log(E.group_size) if snis_clip is None else float(snis_clip)
+    is_clip = 0.5 * math.log(samples_per_prompt) if snis_clip is None else float(snis_clip)
     head = dict(temperature=temperature, top_k=top_k, top_p=top_p, chunk_rows=chunk_rows)
     draw = dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                 seed=seed, max_rows=max_rows, **head)  # fmt: skip
@@ -248,18 +272,25 @@ def realized_entropy_change(
             baseline["crn"] = estimate((-base_samples.stats.logp).mean(1) / lmax)
         if "rb" in sampled:
             baseline["rb"] = estimate(base_samples.stats.entropy.mean(1) / lmax)
+    if "rb_is" in sampled:
+        fresh = samples_batch(base_samples, lmax)
+        table = lambda theta: sequence_statistics(model, theta, fresh, microbatch=microbatch, per_token=True, **head)  # noqa: E731
+        base_table = table(lora)
+        baseline["rb_is"] = estimate(base_table.entropy.sum(-1).mean(1) / lmax)
     points = []
     for s in scales:
         theta, estimates = at(s), {}
         if "snis" in estimators:
             moved = sequence_statistics(model, theta, E, microbatch=microbatch, **head)
             estimates["snis"] = snis_estimate(base_stats, moved, lmax, clip, ess_warn_fraction, s)
-        if sampled:
-            estimates |= sampled_estimates(base_samples, sample(model, theta, prompts_of(E), **draw), lmax, sampled)
+        if coupled:
+            estimates |= sampled_estimates(base_samples, sample(model, theta, prompts_of(E), **draw), lmax, coupled)
+        if "rb_is" in sampled:
+            estimates["rb_is"] = rb_is_estimate(base_table, table(theta), lmax, is_clip, ess_warn_fraction, s)
         relative = abs(s) * step_norm / theta_norm if theta_norm > 0 else None
         rounding = step_rounding(lora, theta, step, s)
         points.append(RealizedPoint(s, relative, {e: estimates[e] for e in estimators}, rounding))
     settings = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
                     eos_token_id=eos_token_id if eos_token_id is None or isinstance(eos_token_id, int)
-                    else list(eos_token_id), seed=seed, snis_clip=clip, ess_warn_fraction=ess_warn_fraction)  # fmt: skip
+                    else list(eos_token_id), seed=seed, snis_clip=clip, rb_is_clip=is_clip, ess_warn_fraction=ess_warn_fraction)  # fmt: skip
     return RealizedEntropyChange(points, baseline, estimators, len(E), E.group_size, samples_per_prompt, settings)

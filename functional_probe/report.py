@@ -180,7 +180,8 @@ def format_entropy_check(check: EntropyCheck, settings: Mapping | None = None) -
         rel = "n/a" if p.relative_step is None else f"{p.relative_step:.1e}"
         row = f"{p.scale:>7.4g} {rel:>10}  {pm(p.predicted, p.predicted_se):<21} {pm(p.predicted_2, p.predicted_2_se):<21}"
         for e in check.estimators:
-            row += f" {pm(p.realized[e], p.realized_se[e]) + (' *' if p.scale in check.fit_scales[e] else ''):<22}"
+            mark = " *" if p.scale in check.fit_scales[e] else " !" if e in p.collapsed else ""
+            row += f" {pm(p.realized[e], p.realized_se[e]) + mark:<22}"
         lines.append((row + ("  <- probed step" if p.scale == check.probed_scale else "")).rstrip())
     for e in check.estimators:
         n = len(check.fit_scales[e])
@@ -188,7 +189,7 @@ def format_entropy_check(check: EntropyCheck, settings: Mapping | None = None) -
                else f"no fit ({n} of {len(check.points)} scales qualify, 3 needed)")  # fmt: skip
         lines.append(f"fit of log|ΔH| on log|s·δH₁|, {e}: {fit}")
     lines.append(f"s* = {edge_text(check)}; the fit (*) uses the scales resolved at {RESOLVED_SE:g} SE with "
-                 "the predicted sign, s ≤ s* when s* is resolved")  # fmt: skip
+                 "the predicted sign, s ≤ s* when s* is resolved (! = importance weights collapsed: left out)")  # fmt: skip
     if settings:
         lines.append(f"realized: {settings['samples_per_prompt']} fresh responses per prompt for each of E's "
                      f"{settings['prompts']} prompts at θ and each θ + s·Δθ (same random numbers), temperature "

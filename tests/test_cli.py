@@ -62,7 +62,7 @@ def test_permuted_named_state_and_evaluation_file_without_advantages(saved_run, 
         assert p["predicted"] == pytest.approx(p["scale"] * got["delta_h1"])
         values = [p["predicted_se"], p["predicted_2"], p["predicted_2_se"], *p["realized"].values(),
                   *p["realized_se"].values()]  # fmt: skip
-        assert set(p["realized"]) == {"crn", "rb"} and all(math.isfinite(x) for x in values), p
+        assert set(p["realized"]) == {"crn", "rb", "rb_is"} and all(math.isfinite(x) for x in values), p
     assert {"slope", "r2", "s_star", "fit_scales"} <= set(check) and check["settings"]["samples_per_prompt"] == 16
     assert got["verdict"]["first_order"] is not None
     assert (tmp_path / "r.first_order.png").is_file()

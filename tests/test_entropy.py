@@ -76,6 +76,28 @@ def test_sequence_statistics_sum_per_response_and_match_sequence_logprobs(tiny_n
     assert math.isclose(stats.entropy[n, g].item(), -(p * p.log()).sum().item(), rel_tol=1e-6)
 
 
+def test_per_token_statistics_are_the_positions_of_each_response(tiny_nf4):
+    """per_token: [N, G, T_r] with 0 past each end, summing to the per-response values; a
+    microbatched call pads its trimmed parts back to the same table; one position against a
+    direct softmax."""
+    prompts, responses, _ = random_rollouts(4, 3, tiny_nf4.vocab_size, seed=3)
+    batch = fp.make_batch(prompts, responses)
+    sums = sequence_statistics(tiny_nf4, tiny_nf4.lora, batch)
+    table = sequence_statistics(tiny_nf4, tiny_nf4.lora, batch, per_token=True)
+    split = sequence_statistics(tiny_nf4, tiny_nf4.lora, batch, per_token=True, microbatch=3)
+    width = max(len(r) for group in responses for r in group)
+    assert table.entropy.shape == (4, 3, width) and split.entropy.shape == table.entropy.shape
+    for field in ("logp", "logq", "entropy"):
+        assert rel_err(getattr(table, field).sum(-1), getattr(sums, field)) <= 1e-12
+        assert rel_err(getattr(split, field), getattr(table, field)) <= 1e-6
+    n, g = 1, 2
+    length = len(responses[n][g])
+    assert bool((table.logp[n, g, length:] == 0).all()) and bool((table.entropy[n, g, :length] > 0).all())
+    ids = torch.tensor([prompts[n] + responses[n][g]])
+    logits = tiny_nf4(tiny_nf4.lora, ids)[0, len(prompts[n]) - 1 : -1].double()
+    assert rel_err(table.logp[n, g, :length], logits.log_softmax(-1).gather(-1, ids[0, len(prompts[n]):, None])[:, 0]) < 1e-5
+
+
 def test_bad_filters_are_rejected(tiny_fp32):
     batch = fp.make_batch([[1, 2]], [[[3], [4]]])
     for kw, match in ((dict(top_k=1.5), "top_k=1.5"), (dict(top_p=0.0), "top_p=0.0"), (dict(temperature=-1), "temperature")):

@@ -56,6 +56,7 @@ def test_realized_and_predicted_changes_match_enumeration(checked):
         for e in check.estimators:
             assert z_score(p.realized[e], p.realized_se[e], ex) < 4, (e, p.scale, p.realized[e], ex)
         assert z_score(p.predicted_2, p.predicted_2_se, ex) < 4  # δH₁ + δH₂ tracks the exact change
+    assert "rb_is" in check.estimators  # a default estimator
 
 
 def test_fit_slope_is_that_of_the_exact_changes(checked):
@@ -71,6 +72,19 @@ def test_fit_slope_is_that_of_the_exact_changes(checked):
     assert check.slope["rb"] == pytest.approx(exact_slope, abs=0.25)
     assert abs(exact_slope - 1) < 0.2
     assert set(check.to_dict()) >= {"points", "slope", "r2", "fit_scales", "s_star"}
+
+
+def test_collapsed_importance_weights_are_marked_and_left_out_of_the_fit(enumerable_setup):
+    """At s = 12 rb_is's weights collapse (ESS below a quarter of G'): the point says so, no warning
+    escapes (the check expects it at large s), and the scale cannot enter rb_is's fit."""
+    model, lora, step = enumerable_setup
+    prompts = PROMPTS * 2
+    E = fp.make_batch(prompts, [[[1], [3]]] * len(prompts), max_lengths=[LENGTH] * len(prompts))
+    check = entropy_check(model, lora, step, E, [0.25, 12.0], fraction=0.5, samples_per_prompt=16, seed=2,
+                          eos_token_id=EOS, max_new_tokens=LENGTH)  # fmt: skip
+    assert check.points[0].collapsed == [] and check.points[1].collapsed == ["rb_is"]
+    assert 12.0 not in check.fit_scales["rb_is"]
+    assert "!" in fp.report.format_entropy_check(check).splitlines()[3]
 
 
 @pytest.mark.parametrize("kwargs, match", [

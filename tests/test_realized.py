@@ -56,7 +56,7 @@ def test_standard_errors_are_calibrated_across_replicate_batches(enumerable_setu
     responses, S = exact_logprobs(model, lora, prompts[:1], LENGTH, EOS)
     h0 = exact_entropy(model, lora, prompts[:1], LENGTH, EOS)
     exact = float(exact_entropy(model, shifted(lora, step, 1.0), prompts[:1], LENGTH, EOS) - h0)
-    z = {"snis": [], "crn": [], "rb": []}
+    z = {"snis": [], "crn": [], "rb": [], "rb_is": []}
     for r in range(16):
         drawn = draw_from_exact(responses, S.expand(24, -1), 8, seed=100 + r)
         E = fp.make_batch(prompts, drawn, max_lengths=[LENGTH] * 24)
@@ -115,7 +115,7 @@ def test_zero_scale_changes_nothing_and_the_report_round_trips(enumerable_setup)
         assert est.value == 0.0 and est.se == 0.0
     assert res.points[0].estimates["crn"].diagnostics["differing_fraction"] == 0.0
     assert res.points[1].relative_step == pytest.approx(0.5 * 0.3, rel=1e-6)  # random_step: 0.3 per tensor
-    assert set(res.points[1].estimates) == {"snis", "crn", "rb"}
+    assert set(res.points[1].estimates) == {"snis", "crn", "rb", "rb_is"}
     assert res.points[1].step_rounding < 1e-12  # float64: the step is taken as given
     again = RealizedEntropyChange.from_json(res.to_json())
     assert again == res and json.loads(res.to_json())["points"][1]["estimates"]["snis"]["diagnostics"]["clip"] > 0
@@ -146,6 +146,7 @@ def test_collapsed_importance_weights_warn_and_are_clipped(enumerable_setup):
         (dict(snis_clip=-1.0), "snis_clip"),
         (dict(E="g1"), "G = 1"),
         (dict(top_p=0.9), "snis needs unfiltered sampling"),
+        (dict(top_p=0.9, estimators=("crn", "rb_is")), "rb_is needs unfiltered sampling"),
         (dict(samples_per_prompt=0), "samples_per_prompt=0"),
         (dict(eos_token_id=99), "eos_token_id 99"),
         (dict(temperature=0), "temperature=0"),
