@@ -21,6 +21,7 @@ from .entropy_check import RESOLVED_SE, EntropyCheck
 from .probe import ProbeResult
 
 RESOLVE_AT = 2.0  # standard errors
+PREFERRED_FIT = ("rb_is", "rb")  # the verdict's estimator: rb_is resolves the small scales (SE ∝ s)
 SLOPE_TOLERANCE = 0.25  # the entropy check confirms first order when |slope − 1| ≤ this ...
 R2_MIN = 0.9  # ... and R² ≥ this, over at least 3 resolved scales within s*
 
@@ -101,7 +102,7 @@ def verdict(r: ProbeResult, check: EntropyCheck | None = None) -> Verdict:
 
 def check_verdict(check: EntropyCheck) -> tuple[str, list[str]]:
     """(one line on the entropy check, warnings): does the realized change grow like s·δH₁ over
-    the first-order range (the fit of the estimator "rb" if fitted, else the first fitted one),
+    the first-order range (the fit of the first of `PREFERRED_FIT` fitted, else the first fitted one),
     and does the probed step lie inside that range (s* ≥ 1)?"""
     warnings = []
     if check.s_star_resolved and check.s_star < check.probed_scale:
@@ -112,7 +113,7 @@ def check_verdict(check: EntropyCheck) -> tuple[str, list[str]]:
     if not fitted:
         return ("not resolved: no estimator has 3 scales within s* whose realized change is resolved at "
                 f"{RESOLVED_SE:g} SE with the predicted sign (more prompts, or --check-samples)", warnings)  # fmt: skip
-    e = "rb" if "rb" in fitted else fitted[0]
+    e = next((e for e in PREFERRED_FIT if e in fitted), fitted[0])
     fit = f"{e}: slope {check.slope[e]:.2f}, R² {check.r2[e]:.3f} over {len(check.fit_scales[e])} scales"
     if abs(check.slope[e] - 1) <= SLOPE_TOLERANCE and check.r2[e] >= R2_MIN:
         return f"first order holds: the realized change grows like s·δH₁ ({fit})", warnings

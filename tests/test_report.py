@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -93,6 +94,17 @@ def test_check_verdict_reads_the_fit(slope, r2, line, warned):
     assert v.first_order.startswith(line), v.first_order
     assert bool(v.warnings) == warned
     assert verdict(result(0)).first_order is None
+
+
+def test_check_verdict_reads_rb_is_when_it_is_fitted_and_rb_otherwise():
+    """rb_is (SE ∝ s) decides the verdict when fitted: here rb's slope 0.5 alone would not confirm."""
+    both = replace(check_of(0.5), estimators=["crn", "rb", "rb_is"], slope={"crn": None, "rb": 0.5, "rb_is": 1.01},
+                   r2={"crn": None, "rb": 0.99, "rb_is": 0.999},
+                   fit_scales={"crn": [], "rb": [0.5, 1.0, 2.0], "rb_is": [0.5, 1.0, 2.0]})  # fmt: skip
+    assert verdict(result(0), both).first_order.startswith("first order holds: the realized change grows like s·δH₁ "
+                                                           "(rb_is: slope 1.01")  # fmt: skip
+    rb_only = replace(both, slope={**both.slope, "rb_is": None})
+    assert verdict(result(0), rb_only).first_order.startswith("first order not confirmed (rb: slope 0.50")
 
 
 def test_json_carries_the_verdict_and_the_check_and_reads_back():
