@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..distributed import comm_device, rank_and_world, shard_range
+from ..distributed import all_gather_vector, comm_device, rank_and_world, shard_range
 from ..realized import Estimate, estimate
 
 __all__ = ["eval_share", "multi_process", "rank_seed", "slowest", "union_estimate", "wait_for_all"]
@@ -101,8 +101,8 @@ def union_estimate(est: Estimate | None, distributed: bool) -> Estimate:
     E prompts), recomputed on the union in rank order; `est` itself with one process."""
     if not distributed:
         return est
-    values = [d for part in gathered([] if est is None else est.per_prompt) for d in part]
-    return estimate(torch.tensor(values, dtype=torch.float64))
+    mine = torch.tensor([] if est is None else est.per_prompt, dtype=torch.float64)
+    return estimate(all_gather_vector(mine))
 
 
 def slowest(seconds: dict[str, float], distributed: bool) -> dict[str, float]:
