@@ -46,7 +46,7 @@ from .grads import dot64
 from .logprobs import check_temperature, prepared
 from .model import FunctionalModel
 from .model.functional import check_same_keys_and_shapes
-from .realized_is import rb_is_terms, samples_batch
+from .realized_is import capped_log_weights, effective_sample_size, rb_is_terms, samples_batch
 from .sampling import Samples, check_sampling_args, sample
 from .stats import moments
 
@@ -115,14 +115,11 @@ def estimate(d: Tensor, **diagnostics) -> Estimate:
 def snis_estimate(base: TokenStats, moved: TokenStats, lmax: Tensor, clip: float, ess_warn_fraction: float,
                   scale: float) -> Estimate:  # fmt: skip
     """The SNIS difference on E's responses, from teacher-forced stats at θ (`base`) and θ' (`moved`)."""
-    log_w = moved.logp - base.logp  # [N, G]: S' − S
-    group = log_w.shape[1]
-    cap = log_w.logsumexp(1, keepdim=True) - math.log(group) + clip
-    clipped = log_w > cap
-    w = torch.minimum(log_w, cap).softmax(1)
-    ess = 1.0 / w.square().sum(1)  # [N]
+    log_w, clipped = capped_log_weights(moved.logp - base.logp, clip)  # [N, G]: S' − S
+    w = log_w.softmax(1)
     d = ((w * -moved.logp).sum(1) - (-base.logp).mean(1)) / lmax
-    return weighted_estimate("snis", d, ess, group, int(clipped.sum()), clip, ess_warn_fraction, scale)
+    return weighted_estimate("snis", d, effective_sample_size(log_w), log_w.shape[1], clipped, clip,
+                             ess_warn_fraction, scale)  # fmt: skip
 
 
 def weighted_estimate(name: str, d: Tensor, ess: Tensor, group: int, clipped: int, clip: float,

@@ -46,14 +46,23 @@ def samples_batch(samples: Samples, lmax: Tensor) -> Batch:
                       max_lengths=[max(int(a), int(b)) for a, b in zip(lmax, longest, strict=True)])  # fmt: skip
 
 
-def prefix_log_weights(base: TokenStats, moved: TokenStats, clip: float) -> tuple[Tensor, int]:
-    """log W_<t [N, G, T] (exclusive cumulative sum of ℓ), capped at logmeanexp_g + `clip`; and
-    how many entries the cap changed."""
-    ell = moved.logp - base.logp  # [N, G, T]; 0 past each end (both tables are)
-    log_w = ell.cumsum(-1) - ell
+def capped_log_weights(log_w: Tensor, clip: float) -> tuple[Tensor, int]:
+    """log-weights [N, G, ...] capped at their logmeanexp over the G responses (dim 1) + `clip`
+    (the truncation of snis and rb_is), and how many entries the cap changed."""
     cap = log_w.logsumexp(1, keepdim=True) - math.log(log_w.shape[1]) + clip
-    clipped = int((log_w > cap).sum())
-    return log_w.minimum(cap), clipped
+    return log_w.minimum(cap), int((log_w > cap).sum())
+
+
+def effective_sample_size(log_w: Tensor) -> Tensor:
+    """ESS_n = (Σ_g W_g)² / Σ_g W_g² [N] of log-weights [N, G]."""
+    return 1.0 / log_w.softmax(1).square().sum(1)
+
+
+def prefix_log_weights(base: TokenStats, moved: TokenStats, clip: float) -> tuple[Tensor, int]:
+    """log W_<t [N, G, T] (exclusive cumulative sum of ℓ), capped (`capped_log_weights`); and how
+    many entries the cap changed."""
+    ell = moved.logp - base.logp  # [N, G, T]; 0 past each end (both tables are)
+    return capped_log_weights(ell.cumsum(-1) - ell, clip)
 
 
 def rb_is_terms(base: TokenStats, moved: TokenStats, lmax: Tensor, clip: float) -> tuple[Tensor, Tensor, int]:
@@ -65,5 +74,4 @@ def rb_is_terms(base: TokenStats, moved: TokenStats, lmax: Tensor, clip: float) 
     loo = (c_moved.sum(1, keepdim=True) - c_moved) / (group - 1)  # b_t for each g: [N, G, T]
     d = (log_w.exp() * (c_moved - loo) + loo - base.entropy).sum(-1)  # [N, G]
     total = (moved.logp - base.logp).sum(-1)  # log W of the whole response [N, G]
-    w = (total - total.max(1, keepdim=True).values).exp()
-    return d.mean(1) / lmax, w.sum(1).square() / w.square().sum(1), clipped
+    return d.mean(1) / lmax, effective_sample_size(total), clipped
