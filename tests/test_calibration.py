@@ -9,17 +9,9 @@ from functional_probe.calibration import (
     calibrate,
     chi2_sf,
     excess_kurtosis,
-    student_t_cdf,
     t_multiplier,
     welch_dof,
 )
-
-
-@pytest.mark.parametrize("t", [-7.0, -1.0, 0.0, 0.3, 2.5, 40.0])
-def test_t_cdf_closed_forms_at_one_and_two_dof(t):
-    assert student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)  # Cauchy
-    assert student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-13)
-    assert student_t_cdf(t, math.inf) == pytest.approx(0.5 * math.erfc(-t / math.sqrt(2)), abs=1e-15)
 
 
 @pytest.mark.parametrize("k", [1.0, 2.0, 3.0])
@@ -29,14 +21,6 @@ def test_t_multiplier_closed_form_and_limits(k):
     assert t_multiplier(k, math.inf) == k
     assert k < t_multiplier(k, 1e4) < k * 1.001  # → k as dof → ∞
     assert t_multiplier(k, 5) > t_multiplier(k, 20)
-
-
-def test_against_scipy():
-    st = pytest.importorskip("scipy.stats")
-    for dof in (2.5, 7.0, 31.0):
-        assert t_multiplier(2.0, dof) == pytest.approx(float(st.t.ppf(st.norm.cdf(2.0), dof)), rel=1e-10)
-        assert student_t_cdf(-1.7, dof) == pytest.approx(float(st.t.cdf(-1.7, dof)), rel=1e-12)
-        assert chi2_sf(9.3, dof) == pytest.approx(float(st.chi2.sf(9.3, dof)), rel=1e-12)
 
 
 def test_chi2_sf_closed_form():
@@ -68,7 +52,7 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="ses\\[2\\]"):
         calibrate([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 0.0, 1.0])
     with pytest.raises(ValueError, match="dof"):
-        student_t_cdf(1.0, 0)
+        t_multiplier(2.0, 0)
     with pytest.raises(ValueError, match="equal"):
         excess_kurtosis([1.0] * 5)
 
