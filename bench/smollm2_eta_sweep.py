@@ -17,7 +17,10 @@ a part already there is skipped unless --redo; calibration resumes replicate by 
   `fp.alpha_variance` with x_estimator "loo" and "rb" (equal B_E, same E and Δθ).
 * calibration — R = `--replicates` independent replicate pairs (E_r, U_r) of `--replicate-prompts`
   × `--samples` at the same θ and optimizer state; δH₁_r ± SE_r each; χ² = Σ_r (δH₁_r − mean)² /
-  mean_r(SE_r²) on R − 1 degrees of freedom (≈ R − 1 when the SE is honest), and SD / RMS(SE).
+  mean_r(SE_r²) on R − 1 degrees of freedom (≈ R − 1 when the SE is honest), and SD / RMS(SE);
+  from R = 4 on, `heavy_tail` (`functional_probe.calibration.calibrate`): the excess kurtosis of
+  δH₁_r, the Satterthwaite p-value, a bootstrap 90% interval of SD/RMS SE, the z-scores' coverage
+  and the rank correlation of SE_r with |δH₁_r − mean|. `--replicates` ≤ R stored re-summarises.
 
 The trained state (θ, AdamW moments) is deterministic given the sizes and seed; it is cached in
 the user cache (functional_probe/bench/) so that each part does not retrain.
@@ -32,11 +35,13 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import functional_probe as fp
+from functional_probe.calibration import calibrate
 from functional_probe.demos.smollm2 import adamw_steps, batches, exact_step
 from functional_probe.entropy_check import EntropyCheck, EntropyCheckPoint
 from functional_probe.fetch import cache_dir, fetch_model
@@ -143,6 +148,8 @@ def summary(reps: list[dict], args) -> dict:
                 tag = "" if name == "se" else "_jackknife"
                 out |= {f"chi2{tag}": spread / ms, f"rms_se{tag}": math.sqrt(ms),
                         f"sd_over_rms_se{tag}": out["sd"] / math.sqrt(ms)}  # fmt: skip
+                if len(reps) >= 4:
+                    out[f"heavy_tail{tag}"] = asdict(calibrate(d, [r[name] for r in reps]))
     return out
 
 
@@ -188,6 +195,8 @@ def main() -> None:
     part = args.part if args.part != "calibration" or args.x_estimator == "loo" else f"calibration_{args.x_estimator}"
     old = doc.get(part)
     if old is not None and not args.redo and (args.part != "calibration" or old["R"] >= args.replicates):
+        if args.part == "calibration":  # re-summarise the stored replicates (no model needed)
+            save_part(part, old | summary(old["replicates"], args))
         return print(f"{args.part}: already in {OUT} (--redo to remeasure)")
     start = time.perf_counter()
     model = fp.load_model(fetch_model("smollm2-135m"), seed=args.seed)

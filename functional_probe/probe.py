@@ -22,6 +22,7 @@ from torch.nn import Parameter
 
 from .alpha import check_response_microbatch, shard_projections
 from .batch import Batch
+from .calibration import welch_dof
 from .distributed import (
     agree,
     all_gather_vector,
@@ -54,7 +55,8 @@ class ProbeResult:
     These are None for the preconditioned step, which has no such parts. `ranks`: how many
     processes' shards made up E and U (1 unless distributed=True). `x_estimator`: the X loss
     whose gradient μX is ("loo" | "rb", `x_estimators`). `se_jackknife`: the delete-one-prompt
-    jackknife SE of δH₁ over E and U (formula: `probe_step.pseudo_values`), scaled by η."""
+    jackknife SE of δH₁ over E and U (formula: `probe_step.pseudo_values`), scaled by η. `dof`: the
+    Welch–Satterthwaite degrees of freedom of V_X + V_Y on B_E − 1 and B_U − 1 (C_XY left out)."""
 
     eta: float
     bars_dot: float
@@ -82,6 +84,7 @@ class ProbeResult:
     ranks: int = 1
     x_estimator: str = "loo"
     se_jackknife: float | None = None
+    dof: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -292,5 +295,5 @@ def assemble(mu_x, view: StepView, stepper, parts: Sequence[Moments], s: Tensor,
         B_E=m_s.n, B_U=m_t.n, shared_prompts=m_c.n, method=method, weighting=weighting,
         s=s.double().tolist(), t=t.double().tolist(), timings=timings, step=stepper.name,
         optimizer=stepper.source, v_y=stepper.v_y, x_estimator=x_estimator,
-        se_jackknife=abs(eta) * math.sqrt(max(var_jack, 0.0)), **split,
+        se_jackknife=abs(eta) * math.sqrt(max(var_jack, 0.0)), dof=welch_dof([V_X, V_Y], [m_s.n - 1, m_t.n - 1]), **split,
     )  # fmt: skip

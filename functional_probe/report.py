@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .calibration import t_multiplier
 from .entropy_check import RESOLVED_SE, EntropyCheck
 from .probe import ProbeResult
 
@@ -60,12 +61,15 @@ class Verdict:
 
     Attributes:
         z: δH₁ / SE (nan when SE = 0).
-        resolved: |δH₁| ≥ 2·SE (and SE > 0).
+        resolved: |δH₁| ≥ threshold·SE (and SE > 0).
         direction: "raises" / "lowers" the entropy when resolved, else "unresolved".
         prompts_needed_E, prompts_needed_U: prompts each batch needs for |δH₁| = 2·SE at the
             measured variances (the current counts when already resolved; None if δH₁ = 0).
         first_order: the entropy check's one-line verdict (None: check not run).
         warnings: one line each (the probed step past the first-order range, SE = 0, ...).
+        threshold: the multiplier of SE for "resolved at 2 SE": the Student-t quantile with the
+            normal's two-sided tail at 2 (`calibration.t_multiplier`) on the probe's Welch `dof`
+            (few heavy-tailed prompts: SE itself is noisy); 2 when the result has no dof.
     """
 
     z: float
@@ -75,6 +79,7 @@ class Verdict:
     prompts_needed_U: int | None
     first_order: str | None
     warnings: list[str]
+    threshold: float = RESOLVE_AT
 
 
 def verdict(r: ProbeResult, check: EntropyCheck | None = None) -> Verdict:
@@ -86,18 +91,19 @@ def verdict(r: ProbeResult, check: EntropyCheck | None = None) -> Verdict:
     else:
         z = math.nan
         warnings.append("SE = 0: every projection is equal (identical prompts?); no uncertainty is known")
-    resolved = r.se > 0 and abs(z) >= RESOLVE_AT
+    at = RESOLVE_AT if r.dof is None else t_multiplier(RESOLVE_AT, r.dof)
+    resolved = r.se > 0 and abs(z) >= at
     if r.delta_h1 == 0 or r.se == 0:
         need_e = need_u = None
-    else:
-        k = max((RESOLVE_AT * r.se / abs(r.delta_h1)) ** 2, 1.0)
+    else:  # at today's dof: conservative, more prompts bring the t multiplier down towards 2
+        k = max((at * r.se / abs(r.delta_h1)) ** 2, 1.0)
         need_e, need_u = math.ceil(k * r.B_E), math.ceil(k * r.B_U)
     line = None
     if check is not None:
         line, more = check_verdict(check)
         warnings += more
     direction = ("raises" if z > 0 else "lowers") if resolved else "unresolved"
-    return Verdict(z, resolved, direction, need_e, need_u, line, warnings)
+    return Verdict(z, resolved, direction, need_e, need_u, line, warnings, at)
 
 
 def check_verdict(check: EntropyCheck) -> tuple[str, list[str]]:
@@ -151,11 +157,12 @@ def format_probe(r: ProbeResult, v: Verdict | None = None) -> str:
 
 
 def verdict_line(r: ProbeResult, v: Verdict) -> str:
+    at = f"{RESOLVE_AT:g} SE" if r.dof is None else f"{RESOLVE_AT:g} SE (t, {r.dof:.3g} dof: {v.threshold:.3g} SE)"
     if v.resolved:
-        return f"the step {v.direction} the entropy: resolved at {RESOLVE_AT:g} SE (|δH₁/SE| = {abs(v.z):.3g})"
+        return f"the step {v.direction} the entropy: resolved at {at} (|δH₁/SE| = {abs(v.z):.3g})"
     if v.prompts_needed_E is None:
         return "not resolved; more prompts cannot resolve a zero δH₁"
-    return (f"not resolved at {RESOLVE_AT:g} SE (|δH₁/SE| = {abs(v.z):.3g}); at the measured variance it "
+    return (f"not resolved at {at} (|δH₁/SE| = {abs(v.z):.3g}); at the measured variance it "
             f"needs about {v.prompts_needed_E} prompts in E and {v.prompts_needed_U} in U")  # fmt: skip
 
 

@@ -115,8 +115,10 @@ class Moments:
         return max(m2, 0.0) / (self.n * (self.n - 1))
 
 
-def _as_float64_vector(v: Tensor | Sequence[float], name: str) -> Tensor:
-    t = torch.as_tensor(v).detach()
+def as_float64_vector(v: Tensor | Sequence[float], name: str) -> Tensor:
+    """v as a 1-D float64 CPU tensor; ValueError naming `name` when not 1-D, complex or not finite."""
+    # a Python list straight to float64: through torch's default float32 it would lose digits
+    t = v.detach() if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D [n], got shape {tuple(t.shape)}")
     if t.is_complex():
@@ -144,11 +146,11 @@ def moments(x: Tensor | Sequence[float], y: Tensor | Sequence[float] | None = No
     Raises:
         ValueError: ``x``/``y`` not 1-D, different lengths, or a non-finite value.
     """
-    xs = _as_float64_vector(x, "x")
+    xs = as_float64_vector(x, "x")
     n = xs.numel()
     ys = None
     if y is not None:
-        ys = _as_float64_vector(y, "y")
+        ys = as_float64_vector(y, "y")
         if ys.numel() != n:
             raise ValueError(f"x and y must have the same length, got {n} and {ys.numel()}")
     if n == 0:

@@ -77,6 +77,7 @@ def test_probe_equals_loop_assembled_quantities(setting):
     assert r.C_XY == 0.0 and r.shared_prompts == 0
     assert r.se == pytest.approx(ETA * np.sqrt(V_X + V_Y), rel=1e-5)
     assert r.se_conditional == pytest.approx(ETA * np.sqrt(V_X), rel=1e-5)
+    assert r.dof == pytest.approx((V_X + V_Y) ** 2 / (V_X**2 / 4 + V_Y**2 / 3), rel=1e-5)  # Welch–Satterthwaite
     assert (r.B_E, r.B_U) == (5, 4)
     assert set(r.timings) == {"mu_x", "mu_y", "proj_s", "proj_t", "total"}
 

@@ -16,6 +16,7 @@ from functional_probe.report import (
     plot_entropy_check,
     result_json,
     verdict,
+    verdict_line,
 )
 
 
@@ -154,3 +155,14 @@ def test_check_plot_draws_the_noise_floor_and_the_probed_step(tmp_path):
     floor = next(line for line in ax.get_lines() if line.get_label() == "noise floor of rb: 2·SE")
     assert list(floor.get_ydata()) == pytest.approx([2 * 0.002 * s**0.5 for s in (0.5, 1.0, 2.0)])
     real_close(figures[0])
+
+
+def test_few_prompts_resolve_at_the_student_t_multiplier_of_the_welch_dof():
+    """dof = 1 (Cauchy): "2 SE" is tan(π(Φ(2) − 1/2)) = 13.97 SE; without a dof it is 2 SE."""
+    at = math.tan(math.pi * (0.5 * math.erfc(-2 / math.sqrt(2)) - 0.5))
+    r = replace(result(0, delta=5e-3, se=1e-3), dof=1.0)
+    v = verdict(r)
+    assert v.threshold == pytest.approx(at, rel=1e-9) and not v.resolved and "1 dof: 14 SE" in verdict_line(r, v)
+    assert v.prompts_needed_E == math.ceil((at / 5) ** 2 * 4)
+    assert verdict(replace(r, delta_h1=14e-3)).resolved
+    assert verdict(replace(r, dof=None)).resolved and verdict(replace(r, dof=None)).threshold == 2.0

@@ -81,6 +81,13 @@ def test_empty_and_small() -> None:
                 f()
 
 
+def test_a_python_list_keeps_float64_digits() -> None:
+    # 1 + 1e-9 is 1.0 in float32: a list routed through torch's default dtype would lose it
+    xs = [1.0 + 1e-9, 1.0, 1.0 - 3e-9, 1.0 + 5e-9]
+    assert moments(xs).mean_x == pytest.approx(math.fsum(xs) / len(xs), rel=1e-15, abs=0)
+    assert moments(xs).sample_var_x() == pytest.approx(float(np.var(xs, ddof=1)), rel=1e-9)
+
+
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="same length"):
         moments(torch.ones(3), torch.ones(4))
