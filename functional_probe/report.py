@@ -63,8 +63,8 @@ class Verdict:
         z: δH₁ / SE (nan when SE = 0).
         resolved: |δH₁| ≥ threshold·SE (and SE > 0).
         direction: "raises" / "lowers" the entropy when resolved, else "unresolved".
-        prompts_needed_E, prompts_needed_U: prompts each batch needs for |δH₁| = 2·SE at the
-            measured variances (the current counts when already resolved; None if δH₁ = 0).
+        prompts_needed_E, prompts_needed_U: prompts each batch needs for |δH₁| = threshold·SE at
+            the measured variances (the current counts when already resolved; None if δH₁ = 0).
         first_order: the entropy check's one-line verdict (None: check not run).
         warnings: one line each (the probed step past the first-order range, SE = 0, ...).
         threshold: the multiplier of SE for "resolved at 2 SE": the Student-t quantile with the

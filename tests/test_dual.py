@@ -12,7 +12,7 @@ import functional_probe as fp
 from functional_probe.model.adapter import LoraSpec
 from functional_probe.model.base_weights import dense_or_nf4
 from functional_probe.model.decoder import PROJECTIONS, DecoderConfig
-from functional_probe.model.dual import dual_hidden_states, head_logprobs_tangent, scratch, swiglu_dual
+from functional_probe.model.dual import dual_hidden_states, head_logprobs_tangent
 from functional_probe.model.loading import build_model
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 
@@ -222,23 +222,3 @@ def test_sequence_logprob_tangent_equals_finite_differences():
     seq = torch.zeros(3, dtype=torch.float64).index_add_(0, rows.nonzero()[:, 0], logp_dot)
     assert finite.abs().min() > 1e-3
     assert rel_err(seq, finite) <= 1e-6
-
-
-def test_swiglu_dual_equals_jvp():
-    gen = torch.Generator().manual_seed(0)
-    gate, up = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
-    out = swiglu_dual(gate, up, torch.full((2, 5, 7), float("nan")))
-    ref, ref_dot = torch.func.jvp(
-        lambda g, u: torch.nn.functional.silu(g) * u, (gate[0], up[0]), (gate[1], up[1])
-    )
-    assert rel_err(out[0], ref) < 1e-6 and rel_err(out[1], ref_dot) < 1e-6
-
-
-def test_scratch_reuses_storage_and_grows():
-    buffers, like = {}, torch.zeros(1)
-    first = scratch(buffers, "a", (3, 4), like)
-    smaller = scratch(buffers, "a", (2, 5), like)  # a later, smaller layer (the last one keeps fewer tokens)
-    assert smaller.shape == (2, 5) and smaller.data_ptr() == first.data_ptr()
-    larger = scratch(buffers, "a", (5, 5), like)
-    assert larger.shape == (5, 5) and buffers["a"].numel() == 25
-    assert scratch(buffers, "a", (2,), like.double()).dtype == torch.float64  # another dtype: fresh

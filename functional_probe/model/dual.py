@@ -13,7 +13,7 @@ layer 0's first norm and q/k/v run on the primal only. Analytic rules:
     RMSNorm  y = w·x̂, x̂ = x·ρ, ρ = (mean x² + eps)^-½:   ẏ = w·ρ(ẋ − x̂·mean(x̂ ẋ))
     RoPE     linear: the same rotation on the tangent
     softmax  ṗ = p ⊙ (ṡ − Σ p ṡ), block-causal with an online softmax (dual_attention.py)
-    SwiGLU   ȧ = silu'(g)·ġ·u + silu(g)·u̇  (ATen's silu backward)
+    SwiGLU   ȧ = silu'(g)·ġ·u + silu(g)·u̇  (ATen's silu backward; dual_mlp.py)
 `head_logprobs_tangent` turns gathered (h, ḣ) rows into log-probs and their tangents in
 vocabulary-wide chunks without forming tangent logits. Both are no-grad fast paths; the
 reference they equal is `torch.func.jvp` over `FunctionalModel.hidden_states`.
@@ -21,7 +21,6 @@ reference they equal is `torch.func.jvp` over `FunctionalModel.hidden_states`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
@@ -32,6 +31,7 @@ from torch import Tensor
 
 from .decoder import Attention, Block
 from .dual_attention import BLOCK_K, BLOCK_Q, attention_pair, check_blocks
+from .dual_mlp import scratch, swiglu_dual
 from .fast_primal import layer_pass, rotate_into
 from .functional import FunctionalModel, default_mask, positions_from_mask
 from .group_linear import GroupLinear, layer_groups
@@ -170,29 +170,6 @@ def attention_dual(
     out = qkv.new_empty(2, b, t, kh, r, d)
     attention_pair(qs, ks.view(2, b * kh, t, d), vv, key_mask, out, *blocks)
     return out.view(2, b, t, kh * r * d)
-
-
-def scratch(buffers: dict[str, Tensor], key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """An uninitialised [shape] tensor (like's dtype and device) on storage that every layer of one
-    pass reuses (`buffers` lives for one pass). Why: the MLP's pair buffers are the largest
-    temporaries (gate/up 40 MB at 16 x 128 tokens, above glibc's 32 MB mmap ceiling), and a fresh one
-    per layer is fresh pages, page-faulted on the first write (measured 82 vs 70 ms per layer)."""
-    numel = math.prod(shape)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-        buf = buffers[key] = like.new_empty(numel)
-    return buf[:numel].view(shape)
-
-
-def swiglu_dual(gate: Tensor, up: Tensor, out: Tensor) -> Tensor:
-    """SwiGLU on pairs gate, up [2, ..., F] into out [2, ..., F]: a = silu(g)·u,
-    ȧ = silu'(g)·ġ·u + silu(g)·u̇ (silu'(g)·ġ is ATen's silu backward), without temporaries."""
-    torch.ops.aten.silu_backward.grad_input(gate[1], gate[0], grad_input=out[1])
-    out[1].mul_(up[0])
-    torch.ops.aten.silu.out(gate[0], out=out[0])
-    out[1].addcmul_(out[0], up[1])
-    out[0].mul_(up[0])
-    return out
 
 
 def block_dual(
