@@ -20,7 +20,8 @@ a part already there is skipped unless --redo; calibration resumes replicate by 
   mean_r(SE_r²) on R − 1 degrees of freedom (≈ R − 1 when the SE is honest), and SD / RMS(SE);
   from R = 4 on, `heavy_tail` (`functional_probe.calibration.calibrate`): the excess kurtosis of
   δH₁_r, the Satterthwaite p-value, a bootstrap 90% interval of SD/RMS SE, the z-scores' coverage
-  and the rank correlation of SE_r with |δH₁_r − mean|. `--replicates` ≤ R stored re-summarises.
+  and the rank correlation of SE_r with |δH₁_r − mean|; `coverage_t2`: the share inside the verdict's t
+  threshold on each replicate's dof. `--replicates` ≤ R stored re-summarises.
 
 The trained state (θ, AdamW moments) is deterministic given the sizes and seed; it is cached in
 the user cache (functional_probe/bench/) so that each part does not retrain.
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 import functional_probe as fp
-from functional_probe.calibration import calibrate
+from functional_probe.calibration import calibrate, t_multiplier, welch_dof
 from functional_probe.demos.smollm2 import adamw_steps, batches, exact_step
 from functional_probe.entropy_check import EntropyCheck, EntropyCheckPoint
 from functional_probe.fetch import cache_dir, fetch_model
@@ -150,7 +151,16 @@ def summary(reps: list[dict], args) -> dict:
                         f"sd_over_rms_se{tag}": out["sd"] / math.sqrt(ms)}  # fmt: skip
                 if len(reps) >= 4:
                     out[f"heavy_tail{tag}"] = asdict(calibrate(d, [r[name] for r in reps]))
+        out["coverage_t2"] = t_coverage(reps, d)
     return out
+
+
+def t_coverage(reps: list[dict], d: torch.Tensor) -> float:
+    """Share of replicates with |z_r| ≤ the probe's verdict threshold (the t multiplier of 2 SE on
+    replicate r's Welch dof of V_X, V_Y on B_E − 1, B_U − 1); z_r as in `calibrate` (95 % if honest)."""
+    z = (d - d.mean()) / torch.tensor([r["se"] for r in reps], dtype=torch.float64) * math.sqrt(len(reps) / (len(reps) - 1))
+    at = [t_multiplier(2.0, welch_dof([r["V_X"], r["V_Y"]], [r["B_E"] - 1, r["B_U"] - 1])) for r in reps]
+    return float((z.abs() <= torch.tensor(at, dtype=torch.float64)).double().mean())
 
 
 def load() -> dict:
