@@ -134,9 +134,14 @@ def rms_norm_dual(norm: RMSNorm, x: Tensor, stacked: bool) -> Tensor:
         return norm.weight * x_hat.to(dtype)
     out = torch.empty_like(x)
     torch.mul(norm.weight, x_hat.to(dtype), out=out[0])
-    tangent = x[1].to(x_hat.dtype)
-    tangent = rho * (tangent - x_hat * (x_hat * tangent).mean(-1, keepdim=True))
-    torch.mul(norm.weight, tangent.to(dtype), out=out[1])
+    # Two passes over out[1] instead of four fresh [..., D] temporaries (fp32; bf16 via one fp32 one).
+    tangent = out[1] if dtype == x_hat.dtype else torch.empty_like(x_hat)
+    torch.mul(x_hat, x[1], out=tangent)
+    mean = tangent.mean(-1, keepdim=True)
+    torch.addcmul(x[1].to(x_hat.dtype), x_hat, mean, value=-1.0, out=tangent)
+    tangent.mul_(rho).mul_(norm.weight.to(x_hat.dtype))
+    if tangent is not out[1]:
+        out[1].copy_(tangent)
     return out
 
 
@@ -185,18 +190,18 @@ def block_dual(
     attn = packing.from_slots(attention_dual(block.self_attn, qkv, rotary, packing.key_mask, blocks))
     if keep is not None:  # the last layer: the rest feeds nothing
         attn, x = attn.index_select(1, keep), x.index_select(-2, keep)
-    a = linears["o"](attn, True)
+    a = linears["o"](attn, True)  # fresh: the residual goes into it in place
     if stacked:
-        x = x + a
+        a += x
     else:
         a[0] += x
-        x = a
+    x = a
     buffers = {} if buffers is None else buffers
     gate_up = linears["gate_up"]
     pairs = scratch(buffers, "gate_up", gate_up.out_shape(x.shape[1:-1]), x)
     gate, up = gate_up(rms_norm_dual(block.post_attention_layernorm, x, True), True, out=pairs)
     act = swiglu_dual(gate, up, scratch(buffers, "act", gate.shape, x))
-    return x + linears["down"](act, True)
+    return linears["down"](act, True).add_(x)
 
 
 def layer_linears(
