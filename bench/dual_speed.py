@@ -18,8 +18,12 @@ and process CPU time (the latter less inflated by other jobs):
 - ``dual_nf4``     the dual on the same model with NF4 base linears
 
 On this shared 2-core machine other processes inflate times; ratios of interleaved runs are what
-the bench reports (the load average is printed). ``--profile`` splits one dual and one primal call
-into matmul, attention and head shares with torch.profiler.
+the bench reports (the load average is printed). Each of issue 17's bars (`BARS`) is reported as
+the ratio of medians and as the median [min, max] of the paired per-round ratios; `matmul_gflops`
+gives each runner's matmul FLOPs (equal to torch's FlopCounterMode, tests/test_benchmark.py), i.e.
+the ratios each would have at one FLOP rate. ``--profile`` splits one call of hf, primal and dual
+into matmul, attention and head shares with torch.profiler. The JSON keeps the raw rounds and the
+commit; ``--replot A.json B.json --out C`` merges runs into one table and plot.
 """
 
 from __future__ import annotations
@@ -42,11 +46,20 @@ import functional_probe as fp
 from functional_probe.logprobs import grouped_logprobs
 from functional_probe.model import dual, fast_primal
 from functional_probe.model.base_weights import dense_or_nf4
+from functional_probe.model.dual_attention import BLOCK_Q
 from functional_probe.model.loading import build_model
+from functional_probe.model.packing import needed
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 from functional_probe.testing import peft_twin
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_")
+# Issue 17's bars: name -> (numerator runner, denominator runner, the ratio not to exceed).
+BARS = {
+    "dual / hf": ("dual", "hf", 1.5),
+    "dual / primal": ("dual", "primal", 2.1),
+    "primal / hf": ("primal", "hf", 0.85),
+    "dual_nf4 / dual": ("dual_nf4", "dual", 1.1),
+}
 
 
 def config(size: str):
@@ -178,13 +191,16 @@ def profile_shares(run) -> dict[str, float]:
 
 
 def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
-    """Medians and [min, max] of wall and CPU time; ratios of medians to hf (and dual/primal, nf4/dual)."""
+    """Medians and [min, max] of wall and CPU time; ratios of medians to hf and the range of the
+    paired per-round ratios to hf (paired_x_hf_min/max, wall); dual/primal and nf4/dual of medians."""
     base = {k: statistics.median(times["hf"][k]) for k in ("wall", "cpu")}
     out = {}
     for name, kinds in times.items():
         ts, cpu = kinds["wall"], kinds["cpu"]
         med, med_cpu = statistics.median(ts), statistics.median(cpu)
+        paired = [x / y for x, y in zip(ts, times["hf"]["wall"], strict=True)]
         out[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "x_hf": med / base["wall"],
+                     "paired_x_hf_min": min(paired), "paired_x_hf_max": max(paired),
                      "cpu_median_s": med_cpu, "cpu_min_s": min(cpu), "cpu_max_s": max(cpu),
                      "cpu_x_hf": med_cpu / base["cpu"]}  # fmt: skip
     for kind in ("", "cpu_"):
@@ -192,6 +208,77 @@ def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, f
         if "dual_nf4" in out:
             out["dual_nf4"][f"{kind}x_dual"] = out["dual_nf4"][f"{kind}median_s"] / out["dual"][f"{kind}median_s"]
     return out
+
+
+def bar_ratios(times: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    """Each of `BARS` from the raw rounds: the ratio of the medians and, since the order is shuffled
+    within a round, the paired per-round ratios num[i] / den[i] (median, min, max), wall and CPU.
+    met: both the ratio of medians and the paired median of wall time are at or under the bar."""
+    out = {}
+    for name, (num, den, bar) in BARS.items():
+        if num not in times:
+            continue
+        entry: dict = {"bar": bar}
+        for kind in ("wall", "cpu"):
+            a, b = times[num][kind], times[den][kind]
+            paired = [x / y for x, y in zip(a, b, strict=True)]
+            entry[kind] = {
+                "of_medians": statistics.median(a) / statistics.median(b),
+                "paired_median": statistics.median(paired), "paired_min": min(paired), "paired_max": max(paired),
+            }  # fmt: skip
+        entry["met"] = max(entry["wall"]["of_medians"], entry["wall"]["paired_median"]) <= bar
+        out[name] = entry
+    return out
+
+
+def matmul_gflops(cfg, batch, rank: int = 8) -> dict[str, float]:
+    """Matmul GFLOPs (2 per multiply-add) of one call of hf, primal and dual on `batch`: the floor
+    each would reach at one and the same FLOP rate. Counted: the body's linears (PEFT's unmerged
+    LoRA of `rank` in hf; merged in ours, plus the dual's low-rank tangent terms u = x[Ȧ; A]ᵀ and
+    u[B, Ḃ]ᵀ), attention scores and values (hf: every [T, T] pair; ours: the packed slots'
+    block-causal query-block x key-prefix products, three in the dual per primal one: q kᵀ,
+    q̇ kᵀ + q k̇ᵀ, e[v, v̇] + ės v) and the head (hf: every position; primal: the M response
+    positions; dual: z = hWᵀ and pᵀW); ours skip the last layer's o and MLP outside the M
+    positions and merge LoRA once per pass. Elementwise work, norms and softmax are not counted."""
+    dm, f, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or dm // heads
+    q, k, o, mlp = (heads * d, dm), (kv * d, dm), (dm, heads * d), [(f, dm), (f, dm), (dm, f)]
+    shapes = [q, k, k, o, *mlp]  # (out, in) of q, k, v, o, gate, up, down
+    dense, lora = sum(a * b for a, b in shapes), sum(rank * (a + b) for a, b in shapes)
+    qkv = sum(a * b for a, b in shapes[:3])  # layer 0's q/k/v have no tangent (the embedding has none)
+    qkv_lora = sum(rank * (a + b) for a, b in shapes[:3])
+    rows, t = batch.input_ids.shape[0] * batch.input_ids.shape[1], batch.input_ids.shape[2]
+    keep, head_rows, _, _ = needed(
+        batch.attention_mask.flatten(0, 1), batch.response_mask.flatten(0, 1), batch.prompt_end
+    )
+    n, m, width = int(keep.sum()), head_rows.numel(), int(keep.sum(-1).max())
+    blocks = [(i, min(i + BLOCK_Q, width)) for i in range(0, width, BLOCK_Q)]
+    pairs_ours = rows * sum((i1 - i0) * i1 for i0, i1 in blocks)  # query-key products per head
+    attention = lambda pairs: 2 * 2 * pairs * heads * d * layers  # noqa: E731  (s = q kᵀ and p v)
+    head, merge = 2 * vocab * dm, 2 * rank * dense * layers  # merge: W + s·B A per projection
+    # ours: the last layer's o and MLP only at the M response positions (nothing else feeds S)
+    body = 2 * (n * dense * layers - (n - m) * (dense - qkv))
+    body_lora = 2 * (n * lora * layers - (n - m) * (lora - qkv_lora))
+    gflops = {
+        "hf": 2 * rows * t * (dense + lora) * layers + attention(rows * t * t) + rows * t * head,
+        "primal": body + merge + attention(pairs_ours) + m * head,
+        "dual": 2 * body - 2 * n * qkv + 2 * body_lora + merge + 3 * attention(pairs_ours) + 2 * m * head,
+    }
+    return {name: v / 1e9 for name, v in gflops.items()}
+
+
+def commit() -> str:
+    """The checkout's commit (short hash, '+dirty' with uncommitted changes), or 'unknown'."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def long_point(seq: int, responses: int, threads: int) -> dict:
@@ -226,29 +313,63 @@ def long_sweep(seqs: list[int], responses: int, threads: int) -> list[dict]:
     return out
 
 
+def point_label(seq, point: dict) -> str:
+    """'T=128, 16 rows, 21 rounds, load 0.9 @ e28ca89' (what the plot's legend names a point by)."""
+    return (f"T={seq}, {point['rows']} rows, {point.get('rounds', '?')} rounds, "
+            f"load {point['load_average']:.1f} @ {point.get('commit', '?')}")  # fmt: skip
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report holding every point of `reports` (runs of the same size), keyed by `point_label`,
+    so that two runs at the same T stay apart; each point keeps its own rounds, load and commit."""
+    sizes = {r["size"] for r in reports}
+    if len(sizes) != 1:
+        raise ValueError(f"reports of different sizes {sorted(sizes)}; expected one size")
+    merged = {k: reports[0][k] for k in ("size", "torch", "threads", "allocator")}
+    merged["points"] = {}
+    for r in reports:
+        for seq, point in r["points"].items():
+            point = {"rounds": r.get("rounds"), "commit": r.get("commit"), **point, "T": int(seq)}
+            merged["points"][point_label(seq, point)] = point
+    merged["long"] = [p for r in reports for p in r.get("long", [])]
+    return merged
+
+
 def plot(report: dict, path: str) -> None:
-    """Ratios to hf per point (left) and the long-T sweep's time and peak memory (right)."""
+    """Median time / transformers' per runner and point (bars; whiskers: the paired per-round
+    ratios' range), issue 17's bars as short lines; the long-T sweep's time and memory on a second
+    panel when the report has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = ["primal", "plain_primal", "dual", "jvp", "dual_nf4"]
-    seqs = list(report["points"])
-    for i, seq in enumerate(seqs):
-        times = report["points"][seq]["times"]
-        xs = [j + 0.35 * i for j, n in enumerate(names) if n in times]
-        left.bar(xs, [times[n]["x_hf"] for n in names if n in times], width=0.35, label=f"T={seq}")
-    if not seqs:
-        left.axis("off")
-    left.axhline(1.0, color="k", lw=0.8)
-    left.set_xticks(range(len(names)), names)
-    left.set_ylabel("median time / transformers eager forward")
-    left.set_title(f"{report['size']}, 16 rows, {report['threads']} threads (contended)")
-    left.legend()
     sweep = report.get("long", [])
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(12 if sweep else 8, 4.5), squeeze=False)
+    left = axes[0, 0]
+    names = ["primal", "plain_primal", "dual", "jvp", "dual_nf4"]
+    points = report["points"]
+    width = 0.8 / max(len(points), 1)
+    for i, (key, point) in enumerate(points.items()):
+        times = point["times"]
+        js = [j for j, n in enumerate(names) if n in times]
+        ratios = [times[names[j]]["x_hf"] for j in js]
+        low = [r - times[names[j]].get("paired_x_hf_min", r) for r, j in zip(ratios, js, strict=True)]
+        high = [times[names[j]].get("paired_x_hf_max", r) - r for r, j in zip(ratios, js, strict=True)]
+        dp = times["dual"]["x_primal"]
+        label = key if "load" in str(key) else point_label(key, point)
+        left.bar([j + width * (i - (len(points) - 1) / 2) for j in js], ratios, width=width,
+                 yerr=[low, high], capsize=2, label=f"{label}; dual/primal {dp:.2f}")  # fmt: skip
+    left.axhline(1.0, color="k", lw=0.8)
+    for j, bar in ((0, 0.85), (2, 1.5), (3, 1.5)):
+        left.hlines(bar, j - 0.45, j + 0.45, colors="r", linestyles="--", lw=1)
+    left.set_xticks(range(len(names)), names)
+    left.set_ylabel("time / transformers eager forward")
+    left.set_title(f"{report['size']}, {report['threads']} threads; red: issue 17's bars (dual/primal ≤ 2.1)",
+                   fontsize=9)  # fmt: skip
+    left.legend(fontsize=7, loc="upper left")
     if sweep:
+        right = axes[0, 1]
         ts = [p["T"] for p in sweep]
         right.loglog(ts, [p["seconds"] for p in sweep], "o-", label="jvp time (s)")
         right.loglog(ts, [p["peak_mib"] / 1024 for p in sweep], "s-", label="jvp peak over model (GB)")
@@ -260,6 +381,7 @@ def plot(report: dict, path: str) -> None:
         right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -275,7 +397,18 @@ def main() -> None:
     parser.add_argument("--responses", type=int, default=4, help="responses per prompt in the long sweep")
     parser.add_argument("--long-point", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.png")
+    parser.add_argument("--replot", nargs="+", default=None, metavar="JSON",
+                        help="merge these reports into <out>.json/.png (no timing)")  # fmt: skip
     args = parser.parse_args()
+    if args.replot:
+        if not args.out:
+            parser.error("--replot needs --out")
+        reports = []
+        for path in args.replot:
+            with open(path) as f:
+                reports.append(json.load(f))
+        write(merge_reports(reports), args.out)
+        return
     if args.long_point is not None:
         print(json.dumps(long_point(args.long_point, args.responses, args.threads)))
         return
@@ -283,31 +416,46 @@ def main() -> None:
     model = make_model(args.size)
     nf4_model = None if args.no_nf4 else make_model(args.size, "nf4")
     report = {"size": args.size, "torch": torch.__version__, "threads": args.threads, "allocator": allocator(),
-              "rounds": args.rounds, "points": {}}  # fmt: skip
-    print(f"{args.size}; torch {torch.__version__}, {args.threads} threads; {report['allocator']}")
+              "rounds": args.rounds, "commit": commit(), "points": {}}  # fmt: skip
+    print(f"{args.size}; torch {torch.__version__}, {args.threads} threads; {report['allocator']}; "
+          f"commit {report['commit']}")  # fmt: skip
     for seq in args.seq:
         batch = bench_batch(args.prompts, seq, model.vocab_size, group=2)
-        point = {"rows": batch.input_ids.shape[0] * batch.input_ids.shape[1], "check": check(model, batch)}
+        point = {"rows": batch.input_ids.shape[0] * batch.input_ids.shape[1], "rounds": args.rounds,
+                 "check": check(model, batch), "gflops": matmul_gflops(model.hf_config, batch)}  # fmt: skip
         runners = make_runners(model, nf4_model, batch, nf4_model is not None)
-        point["times"] = summarize(time_interleaved(runners, args.rounds))
+        load_before = os.getloadavg()[0]
+        point["raw"] = time_interleaved(runners, args.rounds)
+        point["times"], point["bars"] = summarize(point["raw"]), bar_ratios(point["raw"])
         if args.profile:
             point["profile"] = {k: profile_shares(runners[k]) for k in ("hf", "primal", "dual")}
-        point["load_average"] = os.getloadavg()[0]
+        point["load_average"], point["load_before"] = os.getloadavg()[0], load_before
         report["points"][seq] = point
-        print(f"T={seq}: {point['rows']} rows; errors {point['check']}; load {point['load_average']:.1f}")
+        print(f"T={seq}: {point['rows']} rows; errors {point['check']}; load {load_before:.1f} -> "
+              f"{point['load_average']:.1f}; matmul GFLOPs " + ", ".join(f"{k} {v:.0f}" for k, v in point["gflops"].items()))  # fmt: skip
         for name, t in point["times"].items():
             extra = "".join(f"  {k} {v:.2f}" for k, v in t.items() if k.endswith(("x_primal", "x_dual")))
             print(f"  {name:>12}: wall {t['median_s']:7.3f} s [{t['min_s']:.3f}, {t['max_s']:.3f}] {t['x_hf']:.2f} x hf;"
                   f" cpu {t['cpu_median_s']:7.3f} s [{t['cpu_min_s']:.3f}, {t['cpu_max_s']:.3f}]"
                   f" {t['cpu_x_hf']:.2f} x hf{extra}")  # fmt: skip
+        for name, b in point["bars"].items():
+            w, c = b["wall"], b["cpu"]
+            print(f"  bar {name:>15} <= {b['bar']}: {'met' if b['met'] else 'MISSED'}; wall {w['of_medians']:.2f} of"
+                  f" medians, paired {w['paired_median']:.2f} [{w['paired_min']:.2f}, {w['paired_max']:.2f}];"
+                  f" cpu {c['of_medians']:.2f}, paired {c['paired_median']:.2f}")  # fmt: skip
         for name, p in point.get("profile", {}).items():
             print(f"  profile {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in p.items()))
     if args.long:
         report["long"] = long_sweep(args.long, args.responses, args.threads)
     if args.out:
-        with open(f"{args.out}.json", "w") as f:
-            json.dump(report, f, indent=1)
-        plot(report, f"{args.out}.png")
+        write(report, args.out)
+
+
+def write(report: dict, out: str) -> None:
+    """<out>.json and <out>.png."""
+    with open(f"{out}.json", "w") as f:
+        json.dump(report, f, indent=1)
+    plot(report, f"{out}.png")
 
 
 if __name__ == "__main__":

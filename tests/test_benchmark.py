@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dual_speed as ds
 import harness as bm
 import pytest
 import torch
@@ -77,3 +78,60 @@ def test_peak_rss_counts_a_new_allocation():
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert bm.peak_rss() - before >= 48 * 2**20
     del x
+
+
+def fake_report(seq: int, rounds: int, scale: float) -> dict:
+    """A dual_speed report with one point at T=seq: hf 1 s, the rest `scale` times hf's ratios."""
+    times = {"hf": 1.0, "primal": 0.8, "plain_primal": 1.0, "dual": 1.6, "jvp": 1.6, "dual_nf4": 1.7}
+    raw = {k: {"wall": [v * scale] * rounds, "cpu": [v * scale] * rounds} for k, v in times.items()}
+    raw["hf"] = {"wall": [1.0] * rounds, "cpu": [1.0] * rounds}
+    point = {"rows": 16, "rounds": rounds, "load_average": 1.0, "times": ds.summarize(raw)}
+    return {"size": "small", "torch": "x", "threads": 2, "allocator": "glibc", "rounds": rounds,
+            "commit": f"c{rounds}", "points": {str(seq): point}}  # fmt: skip
+
+
+def test_dual_speed_merge_keeps_each_runs_points_apart(tmp_path):
+    merged = ds.merge_reports([fake_report(128, 3, 1.0), fake_report(128, 5, 1.1)])
+    assert len(merged["points"]) == 2
+    rounds = sorted(p["rounds"] for p in merged["points"].values())
+    assert rounds == [3, 5] and {p["commit"] for p in merged["points"].values()} == {"c3", "c5"}
+    ds.plot(merged, str(tmp_path / "merged.png"))
+    assert (tmp_path / "merged.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="different sizes"):
+        ds.merge_reports([fake_report(128, 3, 1.0), {**fake_report(512, 3, 1.0), "size": "smollm2"}])
+
+
+def test_dual_speed_bars_pair_rounds_and_take_medians():
+    # dual/hf per round: 1.0, 2.0, 1.4 (paired median 1.4); medians 1.4 / 1.0; cpu the same
+    walls = {"hf": [1.0, 1.0, 1.0], "dual": [1.0, 2.0, 1.4], "primal": [0.5, 2.0, 0.7]}
+    bars = ds.bar_ratios({k: {"wall": v, "cpu": v} for k, v in walls.items()})
+    dual_hf = bars["dual / hf"]["wall"]
+    assert dual_hf["of_medians"] == pytest.approx(1.4) and dual_hf["paired_median"] == pytest.approx(1.4)
+    assert (dual_hf["paired_min"], dual_hf["paired_max"]) == (pytest.approx(1.0), pytest.approx(2.0))
+    assert bars["dual / hf"]["met"]
+    # dual/primal: of medians 1.4 / 0.7 = 2.0, paired 2.0, 1.0, 2.0 -> median 2.0; primal/hf 0.7
+    assert bars["dual / primal"]["wall"]["of_medians"] == pytest.approx(2.0) and bars["dual / primal"]["met"]
+    assert bars["primal / hf"]["wall"]["of_medians"] == pytest.approx(0.7) and bars["primal / hf"]["met"]
+    assert "dual_nf4 / dual" not in bars
+    walls["dual"] = [1.6, 1.6, 1.0]  # of medians 1.6 > 1.5: missed even though one round is 1.0
+    assert not ds.bar_ratios({k: {"wall": v, "cpu": v} for k, v in walls.items()})["dual / hf"]["met"]
+
+
+def test_dual_speed_flop_floors_equal_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_(x, a, b, *args, out_shape=None, **kw):  # in-place variants torch's counter skips
+        return 2 * a[0] * a[1] * b[1]
+
+    def baddbmm_(x, a, b, *args, out_shape=None, **kw):
+        return 2 * a[0] * a[1] * a[2] * b[2]
+
+    model = ds.make_model("small")
+    batch = bm.bench_batch(2, 64, model.vocab_size, group=2)
+    runners = ds.make_runners(model, None, batch, with_nf4=False)
+    floors = ds.matmul_gflops(model.hf_config, batch)
+    mapping = {torch.ops.aten.addmm_: addmm_, torch.ops.aten.baddbmm_: baddbmm_}
+    for name in ("hf", "primal", "dual"):
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            runners[name]()
+        assert counter.get_total_flops() / 1e9 == pytest.approx(floors[name], rel=1e-9), name
