@@ -40,16 +40,13 @@ from contextlib import contextmanager
 
 import torch
 from harness.memory import current_rss, peak_rss, reset_peak_rss
-from harness.points import bench_batch, random_direction
+from harness.points import bench_batch, bench_model, random_direction
 
 import functional_probe as fp
 from functional_probe.logprobs import grouped_logprobs
 from functional_probe.model import dual, fast_primal
-from functional_probe.model.base_weights import dense_or_nf4
 from functional_probe.model.dual_attention import BLOCK_Q
-from functional_probe.model.loading import build_model
 from functional_probe.model.packing import needed
-from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 from functional_probe.testing import peft_twin
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_")
@@ -60,30 +57,6 @@ BARS = {
     "primal / hf": ("primal", "hf", 0.85),
     "dual_nf4 / dual": ("dual_nf4", "dual", 1.1),
 }
-
-
-def config(size: str):
-    from transformers import LlamaConfig, Qwen2Config
-
-    if size == "smollm2":
-        return LlamaConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-            num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-            max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-        )  # fmt: skip
-    return Qwen2Config(
-        vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    )  # fmt: skip
-
-
-def make_model(size: str, quantize: str | None = None):
-    cfg = config(size)
-    state = tiny_state_dict(cfg, seed=0)
-    if cfg.tie_word_embeddings:
-        state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
-    frozen = dense_or_nf4(state.get, quantize, torch.float32, "cpu")
-    return build_model(cfg, state.get, frozen, tiny_lora(cfg, rank=8, alpha=16.0))
 
 
 def allocator() -> str:
@@ -286,7 +259,7 @@ def long_point(seq: int, responses: int, threads: int) -> dict:
     filling T columns; wall and process CPU time (less sensitive to other processes) and peak RSS
     over the loaded model of alpha_projections(method="jvp")."""
     torch.set_num_threads(threads)
-    model = make_model("smollm2")
+    model = bench_model("smollm2")
     gen = torch.Generator().manual_seed(0)
     tokens = lambda n: torch.randint(0, model.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
     batch = fp.make_batch(
@@ -413,8 +386,8 @@ def main() -> None:
         print(json.dumps(long_point(args.long_point, args.responses, args.threads)))
         return
     torch.set_num_threads(args.threads)
-    model = make_model(args.size)
-    nf4_model = None if args.no_nf4 else make_model(args.size, "nf4")
+    model = bench_model(args.size)
+    nf4_model = None if args.no_nf4 else bench_model(args.size, "nf4")
     report = {"size": args.size, "torch": torch.__version__, "threads": args.threads, "allocator": allocator(),
               "rounds": args.rounds, "commit": commit(), "points": {}}  # fmt: skip
     print(f"{args.size}; torch {torch.__version__}, {args.threads} threads; {report['allocator']}; "

@@ -1,6 +1,6 @@
 """Full sweep of issue 7: every projection method against `torch.autograd.grad`, speed and memory.
 
-Run: ``python bench/run.py [--quick | --lean] [--only main,N,T,tiny,qwen05] [--repeats 7] [--threads 2]``,
+Run: ``python bench/run.py [--quick | --lean] [--only main,N,T,tiny,qwen05,smollm2] [--repeats 7] [--threads 2]``,
 optionally under ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`` (the code does not need
 it; the allocator in use is printed and stored). Writes bench/results/<stem>.json, .md and PNGs
 (<stem>_small_time.png, <stem>_small_memory.png; log-log vs N and vs T), stem = issue7_<allocator>
@@ -16,6 +16,10 @@ Points (G = 2 responses per prompt, models in `harness.bench_config`):
 - qwen05: Qwen2.5-0.5B-shaped (24 layers, vocab 151936, tied), N=2, T=64, 3 repeats, only the
           forwards, the autograd α-trick and vjp/jvp: the per-prompt loops, vmap, func_jvp and
           Opacus take minutes per call there.
+- smollm2: SmolLM2-135M-shaped (Llama, 30 layers, vocab 49152, tied), N=8, T=128, 3 repeats: the
+          forwards, the autograd α-trick and loop, vjp/jvp/func_jvp and the NF4 jvp; memory of
+          the forwards, the α-trick, vjp, jvp and the NF4 jvp.
+Every point outside the sweeps also gets a bar chart, <stem>_<size>_N<n>_T<t>.png.
 --lean: the bars' methods only (LEAN_MAIN at main, LEAN_SWEEP at 3 repeats in the sweeps,
          memory at T=512), for a loaded machine.
 --quick: main at 3 repeats and memory of jvp / vjp / autograd_alpha / forward_eager only.
@@ -47,6 +51,8 @@ SWEEP_MEMORY = ("forward_eager", "autograd_alpha", "vjp", "jvp", "nf4:jvp")
 LEAN_MAIN = FORWARDS + ("autograd_alpha", "autograd_loop", "vjp", "jvp", "nf4:jvp")
 LEAN_SWEEP = ("forward_eager", "autograd_alpha", "vjp", "jvp", "nf4:jvp")
 QWEN_METHODS = FORWARDS + ("autograd_alpha", "vjp", "jvp", "nf4:jvp")
+SMOLLM2_METHODS = FORWARDS + ("autograd_alpha", "autograd_loop", "vjp", "jvp", "nf4:jvp", "func_jvp")
+SMOLLM2 = PointSpec("smollm2", 8, 128, SMOLLM2_METHODS, QWEN_METHODS, 3, "smollm2; slow methods skipped")
 
 
 def lean_specs(only: set[str], repeats: int) -> list[PointSpec]:
@@ -61,6 +67,8 @@ def lean_specs(only: set[str], repeats: int) -> list[PointSpec]:
         out += [PointSpec("small", n, 128, LEAN_SWEEP, (), 3, "sweep N") for n in (4, 8, 16, 64)]
     if "qwen05" in only:
         out.append(PointSpec("qwen05", 2, 64, QWEN_METHODS, (), 3, "qwen05; slow methods skipped"))
+    if "smollm2" in only:
+        out.append(SMOLLM2)
     return out
 
 
@@ -87,6 +95,8 @@ def specs(only: set[str], repeats: int, quick: bool, lean: bool = False) -> list
         out.append(PointSpec("tiny", 16, 128, ALL_METHODS, SWEEP_MEMORY, repeats, "tiny"))
     if "qwen05" in only:
         out.append(PointSpec("qwen05", 2, 64, QWEN_METHODS, QWEN_METHODS, 3, "qwen05; slow methods skipped"))
+    if "smollm2" in only:
+        out.append(SMOLLM2)
     return out
 
 
@@ -94,7 +104,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="main point only, 3 repeats, 4 memory runs")
     parser.add_argument("--lean", action="store_true", help="the bars' methods only (see lean_specs)")
-    parser.add_argument("--only", default="main,N,T,tiny,qwen05", help="comma-separated point groups")
+    parser.add_argument("--only", default="main,N,T,tiny,qwen05,smollm2", help="comma-separated point groups")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stem", default=None, help="output file stem in bench/results/")

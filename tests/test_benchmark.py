@@ -69,6 +69,10 @@ def test_harness_result_and_markdown_are_well_formed(tmp_path):
     paths = bm.save_result(result, str(tmp_path), "t")
     assert json.loads(Path(paths["json"]).read_text())["points"][0]["size"] == "tiny"
     assert any(p.endswith("_tiny_time.png") for p in paths)
+    assert not any(p.endswith("_T16.png") for p in paths)  # a sweep point: in the sweep plots only
+    point["note"] = "main"
+    paths = bm.save_result(result, str(tmp_path), "m")
+    assert Path(paths[str(tmp_path / "m_tiny_N2_T16.png")]).stat().st_size > 0
 
 
 def test_peak_rss_counts_a_new_allocation():
@@ -126,7 +130,7 @@ def test_dual_speed_flop_floors_equal_torch_flop_counter():
     def baddbmm_(x, a, b, *args, out_shape=None, **kw):
         return 2 * a[0] * a[1] * a[2] * b[2]
 
-    model = ds.make_model("small")
+    model = bm.bench_model("small")
     batch = bm.bench_batch(2, 64, model.vocab_size, group=2)
     runners = ds.make_runners(model, None, batch, with_nf4=False)
     floors = ds.matmul_gflops(model.hf_config, batch)

@@ -33,7 +33,7 @@ from .memory import current_rss, peak_rss, reset_peak_rss
 
 CONTENDERS = tuple(METHODS) + tuple(f"nf4:{m}" for m in METHODS)
 ALL_METHODS = FORWARDS + BASELINES + CONTENDERS
-SIZES = ("tiny", "small", "qwen05")
+SIZES = ("tiny", "small", "smollm2", "qwen05")
 GROUP = 2
 TOLERANCE = 1e-4
 
@@ -43,9 +43,11 @@ TOLERANCE = 1e-4
 
 def bench_config(size: str):
     """The transformers config of a benchmark model: 'tiny' (`tiny_config`), 'small' (Qwen2,
-    hidden 256, intermediate 704, 4 layers, 4/2 heads, vocab 4096 — DESIGN §3) or 'qwen05'
-    (Qwen2.5-0.5B-shaped: hidden 896, 24 layers, 14/2 heads, intermediate 4864, vocab 151936, tied)."""
-    from transformers import Qwen2Config
+    hidden 256, intermediate 704, 4 layers, 4/2 heads, vocab 4096 — DESIGN §3), 'smollm2'
+    (SmolLM2-135M-shaped Llama: hidden 576, 30 layers, 9/3 heads, head_dim 64, MLP 1536, vocab
+    49152, tied) or 'qwen05' (Qwen2.5-0.5B-shaped: hidden 896, 24 layers, 14/2 heads, intermediate
+    4864, vocab 151936, tied)."""
+    from transformers import LlamaConfig, Qwen2Config
 
     from functional_probe.model.tiny import tiny_config
 
@@ -56,6 +58,10 @@ def bench_config(size: str):
         return Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                            **common)  # fmt: skip
+    if size == "smollm2":
+        return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                           max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0)  # fmt: skip
     if size == "qwen05":
         return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,

@@ -110,6 +110,35 @@ def plot_sweeps(result: Mapping, path_prefix: str, size: str = "small") -> list[
     return written
 
 
+def plot_point(point: Mapping, path: str) -> str:
+    """One point's methods as bars: median time / the eager forward (IQR whiskers) and peak MiB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(n, r) for n, r in point["methods"].items() if r.get("median_s")]
+    base = point["methods"]["forward_eager"]["median_s"]
+    names = [n for n, _ in rows]
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(12, 0.4 * len(rows) + 1.5), sharey=True)
+    ratio = [r["median_s"] / base for _, r in rows]
+    err = [[(r["median_s"] - r.get("q1_s", r["median_s"])) / base for _, r in rows],
+           [(r.get("q3_s", r["median_s"]) - r["median_s"]) / base for _, r in rows]]  # fmt: skip
+    colors = ["0.6" if n in BASELINES or n in FORWARDS else "C0" for n in names]
+    time_ax.barh(names, ratio, xerr=err, color=colors, capsize=2)
+    time_ax.axvline(1.0, color="k", lw=0.8)
+    time_ax.set_xlabel("median time / transformers eager forward (grey: baselines)")
+    time_ax.invert_yaxis()
+    mem_ax.barh(names, [r.get("peak_mib") or 0.0 for _, r in rows], color=colors)
+    mem_ax.set_xlabel("peak MiB over the loaded model (0: not measured)")
+    fig.suptitle(f"{point['size']}, N={point['num_prompts']} x G={point['group']}, T={point['seq_len']}, "
+                 f"{point['repeats']} repeats", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def profile_method(runner: Callable[[], object], rows: int = 20) -> str:
     """One call under torch.profiler: the top ops by self CPU time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -128,5 +157,9 @@ def save_result(result: Mapping, directory: str, stem: str) -> dict[str, str]:
     out = {"json": base + ".json", "md": base + ".md"}
     for size in sorted({p["size"] for p in result["points"]}):
         for png in plot_sweeps(result, base, size):
+            out[png] = png
+    for p in result["points"]:
+        if "sweep" not in p.get("note", "") and p["methods"].get("forward_eager", {}).get("median_s"):
+            png = plot_point(p, f"{base}_{p['size']}_N{p['num_prompts']}_T{p['seq_len']}.png")
             out[png] = png
     return out
