@@ -340,6 +340,7 @@ def plot(report: dict, path: str) -> None:
     left.set_ylabel("time / transformers eager forward")
     left.set_title(f"{report['size']}, {report['threads']} threads; red: issue 17's bars (dual/primal ≤ 2.1)",
                    fontsize=9)  # fmt: skip
+    left.set_ylim(0, left.get_ylim()[1] * 1.3)  # room for the legend above the bars
     left.legend(fontsize=7, loc="upper left")
     if sweep:
         right = axes[0, 1]
