@@ -49,6 +49,7 @@ from functional_probe.model.dual_attention import BLOCK_Q
 from functional_probe.model.packing import needed
 from functional_probe.testing import peft_twin
 
+QKV = ("q_proj", "k_proj", "v_proj")
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_")
 # Issue 17's bars: name -> (numerator runner, denominator runner, the ratio not to exceed).
 BARS = {
@@ -163,6 +164,11 @@ def profile_shares(run) -> dict[str, float]:
     }
 
 
+def paired_ratios(a: list[float], b: list[float]) -> list[float]:
+    """a[i] / b[i] per round (both runners timed in the same shuffled round)."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
 def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
     """Medians and [min, max] of wall and CPU time; ratios of medians to hf and the range of the
     paired per-round ratios to hf (paired_x_hf_min/max, wall); dual/primal and nf4/dual of medians."""
@@ -171,7 +177,7 @@ def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, f
     for name, kinds in times.items():
         ts, cpu = kinds["wall"], kinds["cpu"]
         med, med_cpu = statistics.median(ts), statistics.median(cpu)
-        paired = [x / y for x, y in zip(ts, times["hf"]["wall"], strict=True)]
+        paired = paired_ratios(ts, times["hf"]["wall"])
         out[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "x_hf": med / base["wall"],
                      "paired_x_hf_min": min(paired), "paired_x_hf_max": max(paired),
                      "cpu_median_s": med_cpu, "cpu_min_s": min(cpu), "cpu_max_s": max(cpu),
@@ -194,7 +200,7 @@ def bar_ratios(times: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
         entry: dict = {"bar": bar}
         for kind in ("wall", "cpu"):
             a, b = times[num][kind], times[den][kind]
-            paired = [x / y for x, y in zip(a, b, strict=True)]
+            paired = paired_ratios(a, b)
             entry[kind] = {
                 "of_medians": statistics.median(a) / statistics.median(b),
                 "paired_median": statistics.median(paired), "paired_min": min(paired), "paired_max": max(paired),
@@ -204,23 +210,25 @@ def bar_ratios(times: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
     return out
 
 
-def matmul_gflops(cfg, batch, rank: int = 8) -> dict[str, float]:
+def matmul_gflops(model, batch) -> dict[str, float]:
     """Matmul GFLOPs (2 per multiply-add) of one call of hf, primal and dual on `batch`: the floor
     each would reach at one and the same FLOP rate. Counted: the body's linears (PEFT's unmerged
-    LoRA of `rank` in hf; merged in ours, plus the dual's low-rank tangent terms u = x[Ȧ; A]ᵀ and
+    LoRA in hf, x Aᵀ then Bᵀ: 2 FLOPs per factor entry and token; merged in ours, plus the dual's low-rank tangent terms u = x[Ȧ; A]ᵀ and
     u[B, Ḃ]ᵀ), attention scores and values (hf: every [T, T] pair; ours: the packed slots'
     block-causal query-block x key-prefix products, three in the dual per primal one: q kᵀ,
     q̇ kᵀ + q k̇ᵀ, e[v, v̇] + ės v) and the head (hf: every position; primal: the M response
     positions; dual: z = hWᵀ and pᵀW); ours skip the last layer's o and MLP outside the M
     positions and merge LoRA once per pass. Elementwise work, norms and softmax are not counted."""
+    cfg = model.hf_config
     dm, f, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or dm // heads
     q, k, o, mlp = (heads * d, dm), (kv * d, dm), (dm, heads * d), [(f, dm), (f, dm), (dm, f)]
     shapes = [q, k, k, o, *mlp]  # (out, in) of q, k, v, o, gate, up, down
-    dense, lora = sum(a * b for a, b in shapes), sum(rank * (a + b) for a, b in shapes)
-    qkv = sum(a * b for a, b in shapes[:3])  # layer 0's q/k/v have no tangent (the embedding has none)
-    qkv_lora = sum(rank * (a + b) for a, b in shapes[:3])
+    dense, qkv = sum(a * b for a, b in shapes), sum(a * b for a, b in shapes[:3])
+    # per layer, entries of the LoRA factors (all of them; of q/k/v): r·(in + out) per projection
+    lora = sum(v.numel() for v in model.lora.values()) // layers
+    qkv_lora = sum(v.numel() for k, v in model.lora.items() if k.split(".")[-4] in QKV) // layers
     rows, t = batch.input_ids.shape[0] * batch.input_ids.shape[1], batch.input_ids.shape[2]
     keep, head_rows, _, _ = needed(
         batch.attention_mask.flatten(0, 1), batch.response_mask.flatten(0, 1), batch.prompt_end
@@ -229,7 +237,7 @@ def matmul_gflops(cfg, batch, rank: int = 8) -> dict[str, float]:
     blocks = [(i, min(i + BLOCK_Q, width)) for i in range(0, width, BLOCK_Q)]
     pairs_ours = rows * sum((i1 - i0) * i1 for i0, i1 in blocks)  # query-key products per head
     attention = lambda pairs: 2 * 2 * pairs * heads * d * layers  # noqa: E731  (s = q kᵀ and p v)
-    head, merge = 2 * vocab * dm, 2 * rank * dense * layers  # merge: W + s·B A per projection
+    head, merge = 2 * vocab * dm, 2 * rank_of(model) * dense * layers  # merge: W + s·B A per projection
     # ours: the last layer's o and MLP only at the M response positions (nothing else feeds S)
     body = 2 * (n * dense * layers - (n - m) * (dense - qkv))
     body_lora = 2 * (n * lora * layers - (n - m) * (lora - qkv_lora))
@@ -239,6 +247,14 @@ def matmul_gflops(cfg, batch, rank: int = 8) -> dict[str, float]:
         "dual": 2 * body - 2 * n * qkv + 2 * body_lora + merge + 3 * attention(pairs_ours) + 2 * m * head,
     }
     return {name: v / 1e9 for name, v in gflops.items()}
+
+
+def rank_of(model) -> int:
+    """The LoRA rank shared by every projection (the merge count assumes one); ValueError if not."""
+    ranks = {v.shape[0] for k, v in model.lora.items() if "lora_A" in k}
+    if len(ranks) != 1:
+        raise ValueError(f"LoRA ranks {sorted(ranks)}; matmul_gflops expects one rank for all projections")
+    return ranks.pop()
 
 
 def commit() -> str:
@@ -286,9 +302,9 @@ def long_sweep(seqs: list[int], responses: int, threads: int) -> list[dict]:
     return out
 
 
-def point_label(seq, point: dict) -> str:
+def point_label(point: dict) -> str:
     """'T=128, 16 rows, 21 rounds, load 0.9 @ e28ca89' (what the plot's legend names a point by)."""
-    return (f"T={seq}, {point['rows']} rows, {point.get('rounds', '?')} rounds, "
+    return (f"T={point['T']}, {point['rows']} rows, {point['rounds']} rounds, "
             f"load {point['load_average']:.1f} @ {point.get('commit', '?')}")  # fmt: skip
 
 
@@ -302,8 +318,8 @@ def merge_reports(reports: list[dict]) -> dict:
     merged["points"] = {}
     for r in reports:
         for seq, point in r["points"].items():
-            point = {"rounds": r.get("rounds"), "commit": r.get("commit"), **point, "T": int(seq)}
-            merged["points"][point_label(seq, point)] = point
+            point = {"rounds": r.get("rounds"), "commit": r.get("commit"), "T": int(seq), **point}
+            merged["points"][point_label(point)] = point
     merged["long"] = [p for r in reports for p in r.get("long", [])]
     return merged
 
@@ -323,23 +339,25 @@ def plot(report: dict, path: str) -> None:
     names = ["primal", "plain_primal", "dual", "jvp", "dual_nf4"]
     points = report["points"]
     width = 0.8 / max(len(points), 1)
-    for i, (key, point) in enumerate(points.items()):
+    for i, point in enumerate(points.values()):
         times = point["times"]
         js = [j for j, n in enumerate(names) if n in times]
         ratios = [times[names[j]]["x_hf"] for j in js]
         low = [r - times[names[j]].get("paired_x_hf_min", r) for r, j in zip(ratios, js, strict=True)]
         high = [times[names[j]].get("paired_x_hf_max", r) - r for r, j in zip(ratios, js, strict=True)]
         dp = times["dual"]["x_primal"]
-        label = key if "load" in str(key) else point_label(key, point)
         left.bar([j + width * (i - (len(points) - 1) / 2) for j in js], ratios, width=width,
-                 yerr=[low, high], capsize=2, label=f"{label}; dual/primal {dp:.2f}")  # fmt: skip
+                 yerr=[low, high], capsize=2, label=f"{point_label(point)}; dual/primal {dp:.2f}")  # fmt: skip
     left.axhline(1.0, color="k", lw=0.8)
-    for j, bar in ((0, 0.85), (2, 1.5), (3, 1.5)):
+    against_hf = {num: bar for num, den, bar in BARS.values() if den == "hf"}
+    against_hf["jvp"] = against_hf["dual"]  # what method="jvp" runs
+    for name, bar in against_hf.items():
+        j = names.index(name)
         left.hlines(bar, j - 0.45, j + 0.45, colors="r", linestyles="--", lw=1)
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("time / transformers eager forward")
-    left.set_title(f"{report['size']}, {report['threads']} threads; red: issue 17's bars (dual/primal ≤ 2.1)",
-                   fontsize=9)  # fmt: skip
+    left.set_title(f"{report['size']}, {report['threads']} threads; red: issue 17's bars "
+                   f"(dual/primal ≤ {BARS['dual / primal'][2]})", fontsize=9)  # fmt: skip
     left.set_ylim(0, left.get_ylim()[1] * 1.3)  # room for the legend above the bars
     left.legend(fontsize=7, loc="upper left")
     if sweep:
@@ -395,8 +413,9 @@ def main() -> None:
           f"commit {report['commit']}")  # fmt: skip
     for seq in args.seq:
         batch = bench_batch(args.prompts, seq, model.vocab_size, group=2)
-        point = {"rows": batch.input_ids.shape[0] * batch.input_ids.shape[1], "rounds": args.rounds,
-                 "check": check(model, batch), "gflops": matmul_gflops(model.hf_config, batch)}  # fmt: skip
+        point = {"T": seq, "rows": batch.input_ids.shape[0] * batch.input_ids.shape[1], "rounds": args.rounds,
+                 "commit": report["commit"],
+                 "check": check(model, batch), "gflops": matmul_gflops(model, batch)}  # fmt: skip
         runners = make_runners(model, nf4_model, batch, nf4_model is not None)
         load_before = os.getloadavg()[0]
         point["raw"] = time_interleaved(runners, args.rounds)

@@ -89,7 +89,7 @@ def fake_report(seq: int, rounds: int, scale: float) -> dict:
     times = {"hf": 1.0, "primal": 0.8, "plain_primal": 1.0, "dual": 1.6, "jvp": 1.6, "dual_nf4": 1.7}
     raw = {k: {"wall": [v * scale] * rounds, "cpu": [v * scale] * rounds} for k, v in times.items()}
     raw["hf"] = {"wall": [1.0] * rounds, "cpu": [1.0] * rounds}
-    point = {"rows": 16, "rounds": rounds, "load_average": 1.0, "times": ds.summarize(raw)}
+    point = {"rows": 16, "load_average": 1.0, "times": ds.summarize(raw)}  # an older file: no T, rounds, commit
     return {"size": "small", "torch": "x", "threads": 2, "allocator": "glibc", "rounds": rounds,
             "commit": f"c{rounds}", "points": {str(seq): point}}  # fmt: skip
 
@@ -133,7 +133,7 @@ def test_dual_speed_flop_floors_equal_torch_flop_counter():
     model = bm.bench_model("small")
     batch = bm.bench_batch(2, 64, model.vocab_size, group=2)
     runners = ds.make_runners(model, None, batch, with_nf4=False)
-    floors = ds.matmul_gflops(model.hf_config, batch)
+    floors = ds.matmul_gflops(model, batch)
     mapping = {torch.ops.aten.addmm_: addmm_, torch.ops.aten.baddbmm_: baddbmm_}
     for name in ("hf", "primal", "dual"):
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
