@@ -44,7 +44,7 @@ from harness.points import bench_batch, bench_model, random_direction
 
 import functional_probe as fp
 from functional_probe.logprobs import grouped_logprobs
-from functional_probe.model import dual, fast_primal
+from functional_probe.model import dual, fast_primal, head_stream
 from functional_probe.model.dual_attention import BLOCK_Q
 from functional_probe.model.packing import needed
 from functional_probe.testing import peft_twin
@@ -147,7 +147,7 @@ def profile_shares(run) -> dict[str, float]:
     (inside attention_dual / attention_fast) and in the head."""
     with (
         labelled(dual, "attention_dual", "attention"), labelled(fast_primal, "attention_fast", "attention"),
-        labelled(dual, "head_logprobs_tangent", "head"), labelled(fast_primal, "head_logprobs", "head"),
+        labelled(head_stream, "head_logprobs_tangent", "head"), labelled(fast_primal, "head_logprobs", "head"),
         torch.profiler.profile() as prof,
     ):  # fmt: skip
         with torch.profiler.record_function("total"):

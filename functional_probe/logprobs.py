@@ -144,7 +144,8 @@ def sequence_logprobs_and_tangent(
     what follows a row's last response token skipped, model/packing.py); the head runs on response
     positions only, `chunk_tokens` rows at a time, and never forms tangent logits.
     """
-    from .model.dual import dual_tokens, head_logprobs_tangent
+    from .model.dual import dual_tokens
+    from .model.head_stream import head_logprobs_tangent
 
     temperature = check_temperature(temperature)
     batch = prepared(model, batch)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from einops import repeat
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from functional_probe.cli import main
 from functional_probe.model import FunctionalModel
@@ -192,3 +193,18 @@ def torch_step_delta(opt, params, grads, theta):
         q.grad = grads[k]
     twin.step()
     return {k: q.detach() - theta[k] for k, q in copied.items()}
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an ATen op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 from helpers import random_direction, rel_err
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
 import functional_probe as fp
 from functional_probe.model.adapter import LoraSpec
 from functional_probe.model.base_weights import dense_or_nf4
 from functional_probe.model.decoder import PROJECTIONS, DecoderConfig
-from functional_probe.model.dual import dual_hidden_states, head_logprobs_tangent
+from functional_probe.model.dual import dual_hidden_states
+from functional_probe.model.head_stream import head_logprobs_tangent
 from functional_probe.model.loading import build_model
 from functional_probe.model.tiny import tiny_lora, tiny_state_dict
 
@@ -135,65 +135,6 @@ def test_dual_is_pure_and_gradient_free(tiny_fp32):
     assert not h1.requires_grad and not d1.requires_grad
     with pytest.raises(ValueError, match="missing"):
         dual_hidden_states(tiny_fp32, lora, dict(list(direction.items())[1:]), ids, mask)
-
-
-def head_reference(h, h_dot, weight, y, temperature):
-    def logp(hidden):
-        return (hidden @ weight.T / temperature).log_softmax(-1).gather(-1, y[:, None])[:, 0]
-
-    return torch.func.jvp(logp, (h,), (h_dot,))
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_head_tangent_equals_jvp_and_chunking_does_not_matter(temperature, dtype):
-    gen = torch.Generator().manual_seed(5)
-    m, d, v = 37, 16, 211
-    h = torch.randn(m, d, generator=gen, dtype=dtype)
-    h_dot = torch.randn(m, d, generator=gen, dtype=dtype)
-    weight = 2 * torch.randn(v, d, generator=gen, dtype=dtype)  # peaked softmaxes
-    y = torch.randint(0, v, (m,), generator=gen)
-    ref, ref_dot = head_reference(h, h_dot, weight, y, temperature)
-    full, full_dot = head_logprobs_tangent(h, h_dot, weight, y, temperature=temperature)
-    chunked, chunked_dot = head_logprobs_tangent(h, h_dot, weight, y, temperature=temperature, chunk_size=8)
-    assert full.dtype == full_dot.dtype == dtype
-    assert rel_err(full, ref) <= TOL[dtype] and rel_err(full_dot, ref_dot) <= TOL[dtype]
-    assert rel_err(chunked, full) <= TOL[dtype] and rel_err(chunked_dot, full_dot) <= TOL[dtype]
-
-
-def test_head_computes_in_fp32_for_bf16_rows():
-    gen = torch.Generator().manual_seed(6)
-    h, h_dot = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen)
-    weight, y = torch.randn(50, 8, generator=gen), torch.randint(0, 50, (5,), generator=gen)
-    bf = [t.bfloat16() for t in (h, h_dot, weight)]
-    logp, logp_dot = head_logprobs_tangent(*bf, y)
-    ref, ref_dot = head_reference(*(t.float() for t in bf), y, 1.0)
-    assert logp.dtype == logp_dot.dtype == torch.float32
-    assert rel_err(logp, ref) <= 1e-6 and rel_err(logp_dot, ref_dot) <= 1e-6
-
-
-class LargestOutput(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an ATen op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
-def test_head_never_allocates_more_than_one_chunk_of_logits():
-    m, d, v, chunk = 300, 8, 400, 16
-    h, h_dot = torch.randn(m, d), torch.randn(m, d)
-    weight, y = torch.randn(v, d), torch.randint(0, v, (m,))
-    with LargestOutput() as probe:
-        head_logprobs_tangent(h, h_dot, weight, y, chunk_size=chunk, temperature=0.7)
-    assert probe.largest <= chunk * v < m * v
 
 
 def test_sequence_logprob_tangent_equals_finite_differences():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_direction, rel_err
-from test_dual import ARCHITECTURES, LargestOutput, inputs, padded_inputs
+from helpers import LargestOutput, random_direction, rel_err
+from test_dual import ARCHITECTURES, inputs, padded_inputs
 
 from functional_probe.model.dual import dual_hidden_states
 from functional_probe.model.dual_attention import attention_pair

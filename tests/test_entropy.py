@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_rollouts, rel_err
-from test_dual import LargestOutput
+from helpers import LargestOutput, random_rollouts, rel_err
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import functional_probe as fp

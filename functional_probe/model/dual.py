@@ -14,9 +14,8 @@ layer 0's first norm and q/k/v run on the primal only. Analytic rules:
     RoPE     linear: the same rotation on the tangent
     softmax  ṗ = p ⊙ (ṡ − Σ p ṡ), block-causal with an online softmax (dual_attention.py)
     SwiGLU   ȧ = silu'(g)·ġ·u + silu(g)·u̇  (ATen's silu backward; dual_mlp.py)
-`head_logprobs_tangent` turns gathered (h, ḣ) rows into log-probs and their tangents in
-vocabulary-wide chunks without forming tangent logits. Both are no-grad fast paths; the
-reference they equal is `torch.func.jvp` over `FunctionalModel.hidden_states`.
+`head_stream.head_logprobs_tangent` turns gathered (h, ḣ) rows into log-probs and their tangents.
+A no-grad fast path; the reference it equals is `torch.func.jvp` over `FunctionalModel.hidden_states`.
 """
 
 from __future__ import annotations
@@ -31,12 +30,13 @@ from torch import Tensor
 
 from .decoder import Attention, Block
 from .dual_attention import BLOCK_K, BLOCK_Q, attention_pair, check_blocks
-from .dual_mlp import scratch, swiglu_dual
+from .dual_mlp import swiglu_dual
 from .fast_primal import layer_pass, rotate_into
 from .functional import FunctionalModel, default_mask, positions_from_mask
 from .group_linear import GroupLinear, layer_groups
 from .layers import RMSNorm
 from .packing import Packing
+from .scratch import scratch
 
 
 @dataclass
@@ -121,8 +121,9 @@ def dual_linear(group: GroupLinear, direction: Mapping[str, Tensor], split: bool
     return DualLinear(group, torch.cat(downs) if downs else None, ups, split)
 
 
-def rms_norm_dual(norm: RMSNorm, x: Tensor, stacked: bool) -> Tensor:
-    """RMSNorm on pairs [2, ..., D] -> [2, ..., D]; on a primal-only x [..., D] (not stacked) -> [..., D].
+def rms_norm_dual(norm: RMSNorm, x: Tensor, stacked: bool, out: Tensor | None = None) -> Tensor:
+    """RMSNorm on pairs [2, ..., D] -> [2, ..., D] (into `out` when given); on a primal-only
+    x [..., D] (not stacked) -> [..., D].
 
     Normalised in at least fp32 like `layers.RMSNorm`: ẏ = w·(ρ(ẋ − x̂·mean(x̂ ẋ))).to(dtype).
     """
@@ -132,7 +133,7 @@ def rms_norm_dual(norm: RMSNorm, x: Tensor, stacked: bool) -> Tensor:
     x_hat = primal * rho
     if not stacked:
         return norm.weight * x_hat.to(dtype)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     torch.mul(norm.weight, x_hat.to(dtype), out=out[0])
     # Two passes over out[1] instead of four fresh [..., D] temporaries (fp32; bf16 via one fp32 one).
     tangent = out[1] if dtype == x_hat.dtype else torch.empty_like(x_hat)
@@ -146,9 +147,11 @@ def rms_norm_dual(norm: RMSNorm, x: Tensor, stacked: bool) -> Tensor:
 
 
 def attention_dual(
-    attn: Attention, qkv: Tensor, rotary: tuple[Tensor, ...], key_mask: Tensor, blocks: tuple[int, int]
-) -> Tensor:
-    """Causal GQA attention on the stacked pair qkv [2, B, T, (H + 2K)·d] -> [2, B, T, H·d].
+    attn: Attention, qkv: Tensor, rotary: tuple[Tensor, ...], key_mask: Tensor, blocks: tuple[int, int],
+    out: Tensor | None = None, buffers: dict[str, Tensor] | None = None,
+) -> Tensor:  # fmt: skip
+    """Causal GQA attention on the stacked pair qkv [2, B, T, (H + 2K)·d] -> [2, B, T, H·d]
+    (into `out` when given; the rotated q and k in `buffers`, see `scratch`).
 
     rotary = (cos, sin, cos_q, sin_q), each [B, T, d/2] (see `rotary_halves`); key_mask [B, T]
     bool; blocks = (block_q, block_k). With r = H/K: s = q kᵀ/√d, ṡ = (q̇ kᵀ + q k̇ᵀ)/√d,
@@ -163,7 +166,8 @@ def attention_dual(
     if attn.q_norm is not None:
         q, k = rms_norm_dual(attn.q_norm, q, True), rms_norm_dual(attn.k_norm, k, True)
     cos, sin, cos_q, sin_q = rotary
-    qs, ks = q.new_empty(2, b, kh, t, r, d), k.new_empty(2, b, kh, t, d)
+    buffers = {} if buffers is None else buffers
+    qs, ks = scratch(buffers, "q_rot", (2, b, kh, t, r, d), q), scratch(buffers, "k_rot", (2, b, kh, t, d), k)
     rotate_into(
         qs,
         rearrange(q, "n b t (k r) d -> n b k t r d", k=kh),
@@ -172,7 +176,7 @@ def attention_dual(
     )
     rotate_into(ks, rearrange(k, "n b t k d -> n b k t d"), cos[:, None], sin[:, None])
     vv = rearrange(v, "n b t (k d) -> (b k) t (n d)", k=kh)  # [v, v̇]: [B·K, T, 2d]
-    out = qkv.new_empty(2, b, t, kh, r, d)
+    out = qkv.new_empty(2, b, t, kh, r, d) if out is None else out.view(2, b, t, kh, r, d)
     attention_pair(qs, ks.view(2, b * kh, t, d), vv, key_mask, out, *blocks)
     return out.view(2, b, t, kh * r * d)
 
@@ -184,24 +188,35 @@ def block_dual(
 ) -> Tensor:  # fmt: skip
     """One pre-norm block on the pair x [2, N, D] (packed tokens; [2, B, T, D] unpacked; primal-only
     [N, D] when not stacked) -> [2, N, D]; with `keep` [M] only those tokens go past attention.
-    The MLP's gate/up and activation pairs go in `buffers` (see `scratch`; fresh when None)."""
-    h = rms_norm_dual(block.input_layernorm, x, stacked)
-    qkv = packing.to_slots(linears["qkv"](h, stacked))
-    attn = packing.from_slots(attention_dual(block.self_attn, qkv, rotary, packing.key_mask, blocks))
+    Every pair lives in `buffers` (see `scratch`; fresh when None): the residual alternates between
+    "mid" (x + attention) and "out" (mid + MLP), which holds this block's input x until it is spent."""
+    buffers = {} if buffers is None else buffers
+    lead = (x if stacked else x[None]).shape[1:-1]
+    pair = lambda key, shape: scratch(buffers, key, shape, x)  # noqa: E731
+    d = x.shape[-1]
+    h = rms_norm_dual(block.input_layernorm, x, stacked, out=pair("norm", (2, *lead, d)) if stacked else None)
+    qkv_linear = linears["qkv"]
+    qkv = packing.to_slots(qkv_linear(h, stacked, out=pair("qkv", qkv_linear.out_shape(lead))))
+    sa = block.self_attn
+    heads = pair("attn", (*qkv.shape[:-1], sa.num_kv_heads * sa.group * sa.head_dim))
+    attn = attention_dual(sa, qkv, rotary, packing.key_mask, blocks, out=heads, buffers=buffers)
+    if packing.slots is not None:
+        attn = packing.from_slots(attn, out=pair("heads", (2, *lead, attn.shape[-1])))
     if keep is not None:  # the last layer: the rest feeds nothing
         attn, x = attn.index_select(1, keep), x.index_select(-2, keep)
-    a = linears["o"](attn, True)  # fresh: the residual goes into it in place
+    o = linears["o"]
+    a = o(attn, True, out=pair("mid", o.out_shape(attn.shape[1:-1])))
     if stacked:
         a += x
     else:
         a[0] += x
-    x = a
-    buffers = {} if buffers is None else buffers
-    gate_up = linears["gate_up"]
-    pairs = scratch(buffers, "gate_up", gate_up.out_shape(x.shape[1:-1]), x)
-    gate, up = gate_up(rms_norm_dual(block.post_attention_layernorm, x, True), True, out=pairs)
-    act = swiglu_dual(gate, up, scratch(buffers, "act", gate.shape, x))
-    return linears["down"](act, True).add_(x)
+    gate_up, down = linears["gate_up"], linears["down"]
+    gate, up = gate_up(
+        rms_norm_dual(block.post_attention_layernorm, a, True, out=pair("norm", a.shape)),
+        True, out=pair("gate_up", gate_up.out_shape(a.shape[1:-1])),
+    )  # fmt: skip
+    act = swiglu_dual(gate, up, pair("act", gate.shape))
+    return down(act, True, out=pair("out", down.out_shape(a.shape[1:-1]))).add_(a)
 
 
 def layer_linears(
@@ -251,39 +266,3 @@ def dual_hidden_states(
         position_ids = positions_from_mask(mask)
     packing = Packing.full(mask, position_ids)
     return dual_tokens(model, lora, direction, input_ids, packing, block_q=block_q, block_k=block_k)
-
-
-def head_logprobs_tangent(
-    hidden: Tensor, hidden_dot: Tensor, head_weight: Tensor, targets: Tensor,
-    *, temperature: float = 1.0, chunk_size: int = 1024,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """hidden, hidden_dot [M, D] (rows at target positions), head_weight [V, D], targets [M]
-    -> (logp [M], logp_dot [M]) in at least fp32.
-
-    z = h Wᵀ/τ, logp = z[y] − logsumexp(z), p = softmax(z);
-    logp_dot = ż[y] − Σ_v p_v ż_v = ḣ·(W[y] − pᵀW)/τ, so the tangent logits ż are never formed.
-    Rows go in chunks of `chunk_size`: one [chunk, V] buffer, exponentiated in place.
-    """
-    if hidden.shape != hidden_dot.shape or hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(
-            f"expected hidden, hidden_dot [M, D] and targets [M]; got {tuple(hidden.shape)}, "
-            f"{tuple(hidden_dot.shape)}, {tuple(targets.shape)}"
-        )
-    with torch.no_grad():
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        weight = head_weight.to(dtype)
-        m = hidden.shape[0]
-        logp, logp_dot = hidden.new_empty(m, dtype=dtype), hidden.new_empty(m, dtype=dtype)
-        buf = hidden.new_empty(min(chunk_size, m), weight.shape[0], dtype=dtype)
-        for start in range(0, m, chunk_size):
-            rows = slice(start, min(start + chunk_size, m))
-            h, h_dot, y = hidden[rows].to(dtype), hidden_dot[rows].to(dtype), targets[rows]
-            z = buf[: h.shape[0]]
-            torch.matmul(h / temperature if temperature != 1.0 else h, weight.T, out=z)
-            z.sub_(z.amax(-1, keepdim=True))
-            z_y = z.gather(-1, y[:, None])[:, 0]
-            total = z.exp_().sum(-1, keepdim=True)
-            logp[rows] = z_y - total[:, 0].log()
-            p_w = (z @ weight).div_(total)  # [chunk, D] = pᵀW (normalised after the product: one pass less)
-            logp_dot[rows] = (h_dot * (weight[y] - p_w)).sum(-1) / temperature
-        return logp, logp_dot

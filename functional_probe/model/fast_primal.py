@@ -4,8 +4,8 @@ For passes that need no derivative (realized-ΔH sweeps, first-order checks, `se
 under no_grad) the LoRA path is merged into the frozen weight once per pass,
 W' = W + s·B A in fp32/fp64 (group_linear.py, NF4 dequantized there), q/k/v and gate/up run as one
 matmul each, attention is the dual's block-causal online softmax without the tangent
-(`dual_attention.attention_primal`), and the head runs only on response positions, a chunk of
-rows at a time. It equals `FunctionalModel.hidden_states` + a log-softmax head (1e-5, fp32).
+(`dual_attention.attention_primal`), and the head runs only on response positions, streamed over rows and
+vocabulary chunks (head_stream.py). It equals `FunctionalModel.hidden_states` + a log-softmax head (1e-5, fp32).
 It builds no graph: the caller chooses it (`sequence_logprobs(..., derivatives=False)`).
 """
 
@@ -22,6 +22,7 @@ from .decoder import Attention, Block
 from .dual_attention import BLOCK_K, BLOCK_Q, attention_primal, check_blocks
 from .functional import FunctionalModel
 from .group_linear import GroupLinear, layer_groups
+from .head_stream import head_logprobs
 from .layers import rotary_cos_sin
 from .packing import Packing, needed, row_sums
 
@@ -115,24 +116,6 @@ def fast_tokens(
             )
 
         return layer_pass(model, input_ids, packing, layer, last)
-
-
-def head_logprobs(
-    hidden: Tensor, head_weight: Tensor, targets: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
-) -> Tensor:
-    """log softmax(h Wᵀ / τ)[y]: hidden [M, D] (normed rows), head_weight [V, D], targets [M] -> [M]
-    in ≥ fp32, `chunk_size` rows at a time in one reused [chunk, V] buffer."""
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    weight, m = head_weight.to(dtype), hidden.shape[0]
-    logp = hidden.new_empty(m, dtype=dtype)
-    buf = hidden.new_empty(min(chunk_size, m), weight.shape[0], dtype=dtype)
-    for start in range(0, m, chunk_size):
-        rows = slice(start, min(start + chunk_size, m))
-        h = hidden[rows].to(dtype)
-        z = torch.matmul(h / temperature if temperature != 1.0 else h, weight.T, out=buf[: h.shape[0]])
-        z.sub_(z.amax(-1, keepdim=True))
-        logp[rows] = z.gather(-1, targets[rows, None])[:, 0] - z.exp_().sum(-1).log()
-    return logp
 
 
 def fast_sequence_logprobs(

@@ -75,9 +75,11 @@ class Packing:
         buf.index_copy_(1, self.slots, x)
         return buf.view(n, *self.shape, w)
 
-    def from_slots(self, y: Tensor) -> Tensor:
-        """y [n, B, T', W] -> [n, N, W] (unpacked: y itself)."""
-        return y if self.slots is None else y.flatten(1, 2).index_select(1, self.slots)
+    def from_slots(self, y: Tensor, out: Tensor | None = None) -> Tensor:
+        """y [n, B, T', W] -> [n, N, W], written into `out` when given (unpacked: y itself)."""
+        if self.slots is None:
+            return y
+        return torch.index_select(y.flatten(1, 2), 1, self.slots, out=out)
 
 
 def needed(attention_mask: Tensor, response_mask: Tensor, prompt_end: int) -> tuple[Tensor, ...]:
