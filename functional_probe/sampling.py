@@ -27,6 +27,7 @@ from .entropy import DEFAULT_CHUNK_ROWS, TokenStats, check_filters, cross_entrop
 from .logprobs import check_temperature
 from .model import FunctionalModel
 from .model.cached_decoder import CachedDecoder
+from .validation import check_positive_ints
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -98,13 +99,7 @@ def draw(
 def check_sampling_args(model: FunctionalModel, prompts, samples_per_prompt, max_new_tokens, eos_token_id,
                         seed, prompt_keys, max_rows) -> tuple[list[list[int]], list[int], list[int]]:  # fmt: skip
     """Validated (prompts, EOS ids, prompt keys); ValueError names the offending item."""
-    def positive(name, v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r}; expected a positive int")
-
-    positive("samples_per_prompt", samples_per_prompt)
-    positive("max_new_tokens", max_new_tokens)
-    positive("max_rows", max_rows)
+    check_positive_ints(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, max_rows=max_rows)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r}; expected a non-negative int")
     vocab = model.vocab_size

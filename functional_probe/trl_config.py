@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .trl_rows import SCALE_REWARDS, TrainerRows, pad_rows, trl_advantages
+from .validation import check_positive_ints
 
 __all__ = ["IS_LEVELS", "LOSS_TYPES", "TrainerLoss"]
 
@@ -60,10 +61,10 @@ class TrainerLoss:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; expected one of {allowed}")
-        for name in ("max_completion_length", "num_iterations", "gradient_accumulation_steps", "num_processes"):
-            check_int(name, getattr(self, name))
+        counts = ("max_completion_length", "num_iterations", "gradient_accumulation_steps", "num_processes")
+        check_positive_ints(**{name: getattr(self, name) for name in counts})
         if self.steps_per_generation is not None:
-            check_int("steps_per_generation", self.steps_per_generation)
+            check_positive_ints(steps_per_generation=self.steps_per_generation)
         check_real("temperature", self.temperature, positive=True)
         for name in ("beta", "epsilon", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
                      "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):  # fmt: skip
@@ -162,11 +163,6 @@ class TrainerLoss:
             old_logps=None if old_logps is None else old_logps.float(),
             ref_logps=None if ref_logps is None else ref_logps.float(),
         )  # fmt: skip
-
-
-def check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}; expected a positive int")
 
 
 def check_real(name: str, value: Any, *, positive: bool = False) -> None:

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_list", "check_advantages", "check_max_lengths", "check_step_size", "check_tokens", "is_int"]
+__all__ = [
+    "as_list", "check_advantages", "check_max_lengths", "check_positive_ints", "check_step_size", "check_tokens", "is_int",
+]  # fmt: skip
 
 INT64_MAX = 2**63 - 1
 
@@ -24,6 +26,13 @@ INT64_MAX = 2**63 - 1
 def is_int(t: Any) -> bool:
     """True for Python / numpy integers, False for bools, floats, strings, None, ..."""
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def check_positive_ints(**sizes: Any) -> None:
+    """Every keyword a positive Python int (bools and floats are not), else ValueError naming it."""
+    for name, size in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{name}={size!r}; expected a positive int")
 
 
 def as_list(x: Any, what: str) -> list:

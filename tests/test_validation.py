@@ -7,7 +7,7 @@ import json
 import pytest
 
 import functional_probe as fp
-from functional_probe.validation import check_step_size, check_tokens
+from functional_probe.validation import check_positive_ints, check_step_size, check_tokens
 
 BAD_TOKENS = [
     ([1, 2.0], r"token 1: expected an int token id, got 2\.0"),
@@ -43,3 +43,13 @@ def test_step_size_that_is_not_a_positive_number_is_refused(tiny_fp32, eta):
 
 def test_a_positive_step_size_passes_unchanged():
     assert check_step_size(3e-4) == 3e-4 and check_step_size(2) == 2.0
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, None, "4"])
+def test_a_size_that_is_not_a_positive_int_is_named(bad):
+    with pytest.raises(ValueError, match=rf"^block_k={bad!r}; expected a positive int$"):
+        check_positive_ints(block_q=64, block_k=bad)
+
+
+def test_positive_int_sizes_pass():
+    assert check_positive_ints(block_q=1, block_k=2**40) is None

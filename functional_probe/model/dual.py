@@ -22,14 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
+from ..validation import check_positive_ints
 from .decoder import Attention, Block
-from .dual_attention import BLOCK_K, BLOCK_Q, attention_pair, check_blocks
+from .dual_attention import BLOCK_K, BLOCK_Q, attention_pair
 from .dual_mlp import swiglu_dual
 from .fast_primal import layer_pass, rotate_into
 from .functional import FunctionalModel, default_mask, positions_from_mask
@@ -192,7 +194,7 @@ def block_dual(
     "mid" (x + attention) and "out" (mid + MLP), which holds this block's input x until it is spent."""
     buffers = {} if buffers is None else buffers
     lead = (x if stacked else x[None]).shape[1:-1]
-    pair = lambda key, shape: scratch(buffers, key, shape, x)  # noqa: E731
+    pair = partial(scratch, buffers, like=x)  # pair(key, shape): a scratch tensor like x
     d = x.shape[-1]
     h = rms_norm_dual(block.input_layernorm, x, stacked, out=pair("norm", (2, *lead, d)) if stacked else None)
     qkv_linear = linears["qkv"]
@@ -234,7 +236,7 @@ def dual_tokens(
     """(h, ḣ): the final normed hidden states of `packing`'s tokens of input_ids [B, T] and their
     derivative along `direction`, [N, D] each ([B, T, D] unpacked; [M, D] for the tokens `last`
     [M], indices into the N). No grad, in the model dtype; pure in lora/direction."""
-    check_blocks(block_q, block_k)
+    check_positive_ints(block_q=block_q, block_k=block_k)
     model.check_lora(lora)
     model.check_lora(direction)
     buffers: dict[str, Tensor] = {}  # the MLP's pair buffers, shared by the layers of this pass

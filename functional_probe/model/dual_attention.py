@@ -30,13 +30,6 @@ BLOCK_Q = 32
 BLOCK_K = 128
 
 
-def check_blocks(block_q: int, block_k: int) -> None:
-    """Block sizes must be positive ints; ValueError names the offending one."""
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"{name}={size!r}; expected a positive int")
-
-
 def block_mask(key_mask: Tensor, keys_real: list[bool], i0: int, i1: int, j0: int, j1: int) -> Tensor | None:
     """allowed [B, 1, bq, 1, bk] for queries [i0, i1) and keys [j0, j1), or None when all are allowed
     (keys_real[j]: key block j has no pad in any row)."""

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from ..validation import check_positive_ints
 from .decoder import Attention, Block
-from .dual_attention import BLOCK_K, BLOCK_Q, attention_primal, check_blocks
+from .dual_attention import BLOCK_K, BLOCK_Q, attention_primal
 from .functional import FunctionalModel
 from .group_linear import GroupLinear, layer_groups
 from .head_stream import head_logprobs
@@ -107,7 +108,7 @@ def fast_tokens(
     """The last block's output (before the final norm) at `packing`'s tokens of input_ids [B, T]:
     [N, D] ([B, T, D] unpacked; [M, D] for the tokens `last` [M], indices into the N), no grad."""
     model.check_lora(lora)
-    check_blocks(block_q, block_k)
+    check_positive_ints(block_q=block_q, block_k=block_k)
     with torch.no_grad():
 
         def layer(i: int, block: Block, x: Tensor, rotary: tuple[Tensor, ...], keep: Tensor | None) -> Tensor:

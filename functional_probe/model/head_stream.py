@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..validation import check_positive_ints
+
 VOCAB_CHUNK = 4096
 
 
@@ -39,26 +41,24 @@ def streamed_softmax(h: Tensor, weight: Tensor, buf: Tensor, vocab_chunk: int, w
     return log_z, None if p_w is None else p_w.div_(total)
 
 
-def check_rows(
-    hidden: Tensor, hidden_dot: Tensor | None, head_weight: Tensor, targets: Tensor, chunks: dict[str, int]
-) -> None:
-    """hidden [M, D], hidden_dot None or like hidden, head_weight [V, D], targets [M] ids in [0, V),
-    chunk sizes positive ints; a ValueError names what is not."""
-    m, d = hidden.shape if hidden.dim() == 2 else (-1, -1)
-    ok = m >= 0 and targets.shape == (m,) and head_weight.dim() == 2 and head_weight.shape[1] == d
-    if not ok or (hidden_dot is not None and hidden_dot.shape != hidden.shape):
+def check_rows(hidden: Tensor, hidden_dot: Tensor | None, head_weight: Tensor, targets: Tensor) -> None:
+    """hidden [M, D], hidden_dot None or like hidden, head_weight [V, D], targets [M] ids in [0, V);
+    a ValueError names what is not. The range costs one aminmax: negative ids would index
+    W[y] silently, and this function is reachable without a Batch's vocabulary check."""
+    shapes_ok = (
+        hidden.dim() == 2 and head_weight.dim() == 2 and head_weight.shape[1] == hidden.shape[1]
+        and targets.shape == hidden.shape[:1] and (hidden_dot is None or hidden_dot.shape == hidden.shape)
+    )  # fmt: skip
+    if not shapes_ok:
         named = {"hidden": hidden, "hidden_dot": hidden_dot, "head_weight": head_weight, "targets": targets}
         got = ", ".join(f"{k} {tuple(t.shape)}" for k, t in named.items() if t is not None)
         raise ValueError(
             f"expected hidden [M, D], hidden_dot like hidden, head_weight [V, D], targets [M]; got {got}"
         )
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= head_weight.shape[0]):
-        raise ValueError(
-            f"targets range over [{int(targets.min())}, {int(targets.max())}]; expected ids in [0, {head_weight.shape[0]})"
-        )
-    for name, size in chunks.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"{name}={size!r}; expected a positive int")
+    if targets.numel():
+        low, high = (int(v) for v in torch.aminmax(targets))
+        if low < 0 or high >= head_weight.shape[0]:
+            raise ValueError(f"targets range over [{low}, {high}]; expected ids in [0, {head_weight.shape[0]})")
 
 
 def head_logprobs(
@@ -67,15 +67,8 @@ def head_logprobs(
 ) -> Tensor:  # fmt: skip
     """log softmax(h Wᵀ/τ)[y]: hidden [M, D] (normed rows), head_weight [V, D], targets [M] -> [M]
     in ≥ fp32 (see the module docstring for the chunking). No grad."""
-    return head_logprobs_tangent(
-        hidden,
-        None,
-        head_weight,
-        targets,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        vocab_chunk=vocab_chunk,
-    )[0]
+    chunks = {"chunk_size": chunk_size, "vocab_chunk": vocab_chunk}
+    return head_logprobs_tangent(hidden, None, head_weight, targets, temperature=temperature, **chunks)[0]
 
 
 def head_logprobs_tangent(
@@ -86,9 +79,8 @@ def head_logprobs_tangent(
     -> (logp [M], logp_dot [M]) in ≥ fp32; hidden_dot None -> (logp, None). No grad.
 
     logp = z_y − logsumexp(z), logp_dot = ḣ·(W[y] − pᵀW)/τ, z = h Wᵀ/τ (module docstring)."""
-    check_rows(
-        hidden, hidden_dot, head_weight, targets, {"chunk_size": chunk_size, "vocab_chunk": vocab_chunk}
-    )
+    check_rows(hidden, hidden_dot, head_weight, targets)
+    check_positive_ints(chunk_size=chunk_size, vocab_chunk=vocab_chunk)
     with torch.no_grad():
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         weight = head_weight.to(dtype)
