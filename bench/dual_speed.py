@@ -7,8 +7,8 @@ Models (random weights, no download; LoRA r=8, alpha=16 on all 7 projections, bo
 ``smollm2`` = SmolLM2-135M's shape (Llama, hidden 576, 30 layers, 9/3 heads, head_dim 64, MLP 1536,
 vocab 49152, tied); ``small`` = DESIGN §3's Qwen2 (hidden 256, 4 layers, vocab 4096). Batch: 8 prompts x
 2 responses, T columns, ragged (prompts T/8..T/4, responses T/2..3T/4: left and right padding).
-Timed in one process, the order shuffled every round, medians and [min, max] of ``--rounds``, wall
-and process CPU time (the latter less inflated by other jobs):
+Timed in one process, the order shuffled every round, medians and [min, max] of ``--rounds``: wall and
+process CPU time (the latter less inflated by other jobs), and minor page faults per call:
 
 - ``hf``           transformers eager forward of the PEFT twin (logits at every position), no_grad
 - ``primal``       ``fp.sequence_logprobs(derivatives=False)`` (the fast primal)
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -110,19 +111,27 @@ def check(model, batch) -> dict[str, float]:
     return {"dual_S": err(S, ref), "dual_S_dot": err(S_dot, ref_dot), "primal_S": err(fast, ref)}
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (getrusage ru_minflt): first touches of fresh pages."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_interleaved(runners, rounds: int, seed: int = 0) -> dict[str, dict[str, list[float]]]:
-    """Wall and process CPU seconds of each runner, `rounds` times in a shuffled order (CPU time
-    counts only this process's threads, so other jobs on the machine inflate it less)."""
+    """Wall and process CPU seconds and minor page faults of each runner, `rounds` times in a
+    shuffled order (CPU time counts only this process's threads, so other jobs on the machine
+    inflate it less; faults count the fresh pages a call touches, which reused buffers avoid)."""
     for run in runners.values():  # warm-up
         run()
-    times, order, rng = {k: {"wall": [], "cpu": []} for k in runners}, list(runners), random.Random(seed)
+    kinds = ("wall", "cpu", "faults")
+    times, order, rng = {k: {kind: [] for kind in kinds} for k in runners}, list(runners), random.Random(seed)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            start, start_cpu = time.perf_counter(), time.process_time()
+            faults, start, start_cpu = minor_faults(), time.perf_counter(), time.process_time()
             runners[name]()
             times[name]["cpu"].append(time.process_time() - start_cpu)
             times[name]["wall"].append(time.perf_counter() - start)
+            times[name]["faults"].append(minor_faults() - faults)
     return times
 
 
@@ -182,6 +191,8 @@ def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, f
                      "paired_x_hf_min": min(paired), "paired_x_hf_max": max(paired),
                      "cpu_median_s": med_cpu, "cpu_min_s": min(cpu), "cpu_max_s": max(cpu),
                      "cpu_x_hf": med_cpu / base["cpu"]}  # fmt: skip
+        if kinds.get("faults"):  # files before the fault count have none
+            out[name]["faults_median"] = statistics.median(kinds["faults"])
     for kind in ("", "cpu_"):
         out["dual"][f"{kind}x_primal"] = out["dual"][f"{kind}median_s"] / out["primal"][f"{kind}median_s"]
         if "dual_nf4" in out:
@@ -430,7 +441,7 @@ def main() -> None:
             extra = "".join(f"  {k} {v:.2f}" for k, v in t.items() if k.endswith(("x_primal", "x_dual")))
             print(f"  {name:>12}: wall {t['median_s']:7.3f} s [{t['min_s']:.3f}, {t['max_s']:.3f}] {t['x_hf']:.2f} x hf;"
                   f" cpu {t['cpu_median_s']:7.3f} s [{t['cpu_min_s']:.3f}, {t['cpu_max_s']:.3f}]"
-                  f" {t['cpu_x_hf']:.2f} x hf{extra}")  # fmt: skip
+                  f" {t['cpu_x_hf']:.2f} x hf; minor faults {t.get('faults_median', 0) / 1e3:.0f}k{extra}")  # fmt: skip
         for name, b in point["bars"].items():
             w, c = b["wall"], b["cpu"]
             print(f"  bar {name:>15} <= {b['bar']}: {'met' if b['met'] else 'MISSED'}; wall {w['of_medians']:.2f} of"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import dual_speed as ds
@@ -119,6 +120,18 @@ def test_dual_speed_bars_pair_rounds_and_take_medians():
     assert "dual_nf4 / dual" not in bars
     walls["dual"] = [1.6, 1.6, 1.0]  # of medians 1.6 > 1.5: missed even though one round is 1.0
     assert not ds.bar_ratios({k: {"wall": v, "cpu": v} for k, v in walls.items()})["dual / hf"]["met"]
+
+
+def test_dual_speed_counts_the_fresh_pages_a_call_touches():
+    pages = 64 * 2**20 // resource.getpagesize()
+
+    def touch_fresh():
+        torch.ones(64 * 2**20 // 4)  # 64 MiB: above glibc's mmap ceiling, so fresh pages every call
+
+    raw = ds.time_interleaved({"hf": lambda: None, "primal": lambda: None, "dual": touch_fresh}, rounds=3)
+    assert all(f >= 0.9 * pages for f in raw["dual"]["faults"])
+    assert all(f < 0.1 * pages for f in raw["hf"]["faults"] + raw["primal"]["faults"])
+    assert ds.summarize(raw)["dual"]["faults_median"] >= 0.9 * pages
 
 
 def test_dual_speed_flop_floors_equal_torch_flop_counter():
