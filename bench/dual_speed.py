@@ -441,7 +441,7 @@ def main() -> None:
             extra = "".join(f"  {k} {v:.2f}" for k, v in t.items() if k.endswith(("x_primal", "x_dual")))
             print(f"  {name:>12}: wall {t['median_s']:7.3f} s [{t['min_s']:.3f}, {t['max_s']:.3f}] {t['x_hf']:.2f} x hf;"
                   f" cpu {t['cpu_median_s']:7.3f} s [{t['cpu_min_s']:.3f}, {t['cpu_max_s']:.3f}]"
-                  f" {t['cpu_x_hf']:.2f} x hf; minor faults {t.get('faults_median', 0) / 1e3:.0f}k{extra}")  # fmt: skip
+                  f" {t['cpu_x_hf']:.2f} x hf; minor faults {t['faults_median'] / 1e3:.0f}k{extra}")  # fmt: skip
         for name, b in point["bars"].items():
             w, c = b["wall"], b["cpu"]
             print(f"  bar {name:>15} <= {b['bar']}: {'met' if b['met'] else 'MISSED'}; wall {w['of_medians']:.2f} of"

@@ -239,7 +239,7 @@ def dual_tokens(
     check_positive_ints(block_q=block_q, block_k=block_k)
     model.check_lora(lora)
     model.check_lora(direction)
-    buffers: dict[str, Tensor] = {}  # the MLP's pair buffers, shared by the layers of this pass
+    buffers: dict[str, Tensor] = {}  # every pair's storage, shared by the layers of this pass (scratch.py)
     with torch.no_grad():
 
         def layer(i: int, block: Block, x: Tensor, rotary: tuple[Tensor, ...], keep: Tensor | None) -> Tensor:

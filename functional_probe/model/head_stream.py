@@ -67,8 +67,9 @@ def head_logprobs(
 ) -> Tensor:  # fmt: skip
     """log softmax(h Wᵀ/τ)[y]: hidden [M, D] (normed rows), head_weight [V, D], targets [M] -> [M]
     in ≥ fp32 (see the module docstring for the chunking). No grad."""
-    chunks = {"chunk_size": chunk_size, "vocab_chunk": vocab_chunk}
-    return head_logprobs_tangent(hidden, None, head_weight, targets, temperature=temperature, **chunks)[0]
+    return head_logprobs_tangent(
+        hidden, None, head_weight, targets, temperature=temperature, chunk_size=chunk_size, vocab_chunk=vocab_chunk
+    )[0]
 
 
 def head_logprobs_tangent(
